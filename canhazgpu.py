@@ -1,0 +1,2453 @@
+#!/usr/bin/env python3
+"""canhazgpu: GPU reservations for shared GPU machines.
+
+`canhazgpu run --gpus 2 -- python train.py` reserves two free GPUs, runs the
+command with CUDA_VISIBLE_DEVICES set, and frees them when it ends.
+`canhazgpu status` shows who holds what, and who uses a GPU without holding it.
+
+State lives in Redis and is shared, key for key, with the Go implementation of
+the same tool.  Every decision that hands out or frees a GPU is made inside one
+Redis Lua script, so no GPU is ever given to two holders, without a global lock.
+
+The sections below come in dependency order:
+configuration, time and durations, Redis state and Lua scripts, GPU providers,
+allocation and queue, supervisor, commands, web, entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+__version__ = "0.1.0"
+PROG = "canhazgpu"
+
+
+# ============================================================================
+# Configuration
+# ============================================================================
+
+
+class CanhazError(Exception):
+    """A failure the user can act on: one line, an optional hint, an exit code."""
+
+    def __init__(self, message, hint=None, code=1):
+        super().__init__(message)
+        self.hint = hint
+        self.code = code
+
+
+class UsageError(CanhazError):
+    def __init__(self, message, hint=None):
+        super().__init__(message, hint, code=2)
+
+
+# Every setting: config key -> (kind, built-in default, environment variable).
+SETTINGS = {
+    "redis.url": ("url", None, "CANHAZGPU_REDIS_URL"),
+    "redis.host": ("str", "localhost", "CANHAZGPU_REDIS_HOST"),
+    "redis.port": ("port", 6379, "CANHAZGPU_REDIS_PORT"),
+    "redis.db": ("count0", 0, "CANHAZGPU_REDIS_DB"),
+    "memory.threshold": ("count0", 1024, "CANHAZGPU_MEMORY_THRESHOLD"),
+    "heartbeat.interval": ("duration", 60.0, "CANHAZGPU_HEARTBEAT_INTERVAL"),
+    "heartbeat.timeout": ("duration", 900.0, "CANHAZGPU_HEARTBEAT_TIMEOUT"),
+    "queue.heartbeat_timeout": ("duration", 120.0, "CANHAZGPU_QUEUE_HEARTBEAT_TIMEOUT"),
+    "run.gpus": ("count", None, None),
+    "run.timeout": ("duration", None, None),
+    "run.signal": ("signal", None, None),
+    "run.kill_after": ("duration", None, None),
+    "run.wait": ("duration", None, None),
+    "reserve.gpus": ("count", None, None),
+    "reserve.duration": ("duration", None, None),
+    "reserve.wait": ("duration", None, None),
+    "report.days": ("days", None, None),
+    "web.host": ("str", None, None),
+    "web.port": ("port", None, None),
+}
+# The Go implementation's flat config keys, so one file can serve both.
+GO_KEYS = {
+    "redis-url": "redis.url",
+    "redis-host": "redis.host",
+    "redis-port": "redis.port",
+    "redis-db": "redis.db",
+    "memory-threshold": "memory.threshold",
+}
+USER_CONFIGS = ("~/.canhazgpu.yaml", "~/.canhazgpu.yml", "~/.canhazgpu.json", "~/.canhazgpu.toml")
+SYSTEM_CONFIGS = (
+    "/etc/canhazgpu/config.toml",
+    "/etc/canhazgpu/config.json",
+    "/etc/canhazgpu/config.yaml",
+)
+
+
+def convert_setting(kind, value):
+    """Convert a raw setting (from a file, the environment or a flag) or raise ValueError."""
+    if kind == "duration":
+        return parse_duration(value) if isinstance(value, str) else positive_number(value)
+    if kind == "signal":
+        return parse_signal(str(value))
+    if kind in ("str", "url"):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("expected a non-empty string")
+        return value.strip()
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    number = int(value) if isinstance(value, int) else parse_int(str(value))
+    low, high = {
+        "port": (1, 65535),
+        "count": (1, 1 << 16),
+        "count0": (0, 1 << 40),
+        "days": (1, 90),
+    }[kind]
+    if not low <= number <= high:
+        raise ValueError(f"expected a whole number from {low} to {high}")
+    return number
+
+
+def parse_int(text):
+    if not re.fullmatch(r"\s*\d+\s*", text):
+        raise ValueError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+def positive_number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"expected a duration like 30s, 15m, 2h or 1d, got {value!r}")
+    return float(value)
+
+
+def parse_signal(text):
+    """'INT', 'SIGINT', 'int' or '2' -> signal number."""
+    name = text.strip().upper()
+    if name.isdigit():
+        number = int(name)
+        if number in {s.value for s in signal.Signals}:
+            return number
+    else:
+        sig = getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
+        if isinstance(sig, signal.Signals):
+            return int(sig)
+    raise ValueError(f"expected a signal name like INT, TERM or USR1, got {text!r}")
+
+
+def read_config_file(path):
+    """Parse one config file into flat {'section.key': value}; errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        if path.endswith(".toml"):
+            try:
+                import tomllib
+            except ImportError:
+                try:
+                    import tomli as tomllib
+                except ImportError:
+                    raise CanhazError(
+                        f"cannot read {path}: TOML needs Python 3.11 or the 'tomli' package"
+                    ) from None
+            doc = tomllib.loads(data.decode())
+        elif path.endswith((".yaml", ".yml")):
+            try:
+                import yaml
+            except ImportError:
+                raise CanhazError(
+                    f"cannot read {path}: YAML needs the PyYAML package",
+                    hint="install python3-yaml, or write the file as JSON or TOML",
+                ) from None
+            doc = yaml.safe_load(data) or {}
+        else:
+            doc = json.loads(data or b"{}")
+    except CanhazError:
+        raise
+    except Exception as e:  # each parser has its own error type
+        raise UsageError(f"config file {path} is malformed: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"config file {path}: expected a mapping of settings at the top level")
+    return flatten_config(doc, path)
+
+
+def flatten_config(doc, path, prefix=""):
+    flat = {}
+    for key, value in doc.items():
+        name = GO_KEYS.get(prefix + str(key), prefix + str(key).replace("-", "_"))
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, path, name + "."))
+        elif name in SETTINGS:
+            flat[name] = value
+        else:
+            raise UsageError(
+                f"config file {path}: unknown key {name!r}",
+                hint="known keys: " + ", ".join(SETTINGS),
+            )
+    return flat
+
+
+class Config:
+    """Settings resolved by precedence: flag > environment > user file > system file > default."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __getitem__(self, key):
+        return self.values[key]
+
+    @classmethod
+    def load(cls, explicit_path=None, environ=None):
+        environ = os.environ if environ is None else environ
+        values = {key: default for key, (_, default, _) in SETTINGS.items()}
+        explicit_path = explicit_path or environ.get("CANHAZGPU_CONFIG")
+        if explicit_path:
+            files = [explicit_path]
+            if not os.path.exists(explicit_path):
+                raise UsageError(f"config file {explicit_path} does not exist")
+        else:
+            files = [p for p in SYSTEM_CONFIGS if os.path.exists(p)][:1]
+            files += [p for p in map(os.path.expanduser, USER_CONFIGS) if os.path.exists(p)][:1]
+        for path in files:
+            for key, raw in read_config_file(path).items():
+                values[key] = cls._convert(key, raw, f"config file {path}: {key}")
+        for key, (_, _, env) in SETTINGS.items():
+            if env and environ.get(env, "") != "":
+                values[key] = cls._convert(key, environ[env], env)
+        return cls(values)
+
+    @staticmethod
+    def _convert(key, raw, where):
+        try:
+            return convert_setting(SETTINGS[key][0], raw)
+        except ValueError as e:
+            raise UsageError(f"{where}: {e}") from None
+
+
+def current_user():
+    """The real OS account of this process: from its uid, never from $USER."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid{os.getuid()}"
+
+
+# ============================================================================
+# Time and durations
+# ============================================================================
+
+DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([smhd])", re.I)
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+RFC3339 = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?\s*([Zz]|[+-]\d\d:?\d\d)?"
+)
+
+
+def parse_duration(text):
+    """'30s', '0.5h', '2d', '1h30m' -> seconds.  Zero, negative or unit-less is an error."""
+    compact = str(text).strip().lower()
+    parts = DURATION_PART.findall(compact)
+    if not compact or DURATION_PART.sub("", compact).strip():
+        raise ValueError(f"expected a duration like 30s, 15m, 2h, 1d or 1h30m, got {text!r}")
+    seconds = sum(float(n) * UNIT_SECONDS[u.lower()] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"a duration must be longer than zero, got {text!r}")
+    return seconds
+
+
+def format_duration(seconds):
+    """Seconds -> '1h 2m 15s' (the format of the Go implementation)."""
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h {seconds % 3600 // 60}m {seconds % 60}s"
+
+
+def format_span(seconds):
+    """A compact human duration for requests and waits: '8h', '1h30m', '45s'."""
+    seconds = int(round(seconds))
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            out += f"{seconds // size}{unit}"
+            seconds %= size
+    return out or "0s"
+
+
+def parse_time(value):
+    """Any timestamp form found in Redis -> Unix seconds (float), or None.
+
+    Unix numbers (int or float, bare or quoted) come from Python writers and
+    ours; RFC 3339 strings with any offset come from the Go implementation.
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    m = RFC3339.fullmatch(value.strip())
+    if not m:
+        return None
+    import calendar
+
+    y, mo, d, h, mi, s, frac, offset = m.groups()
+    t = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(s), 0, 0, 0))
+    t += float(frac) if frac else 0.0
+    if offset and offset not in "Zz":
+        sign = -1 if offset[0] == "+" else 1
+        digits = offset[1:].replace(":", "")
+        t += sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    return t
+
+
+def rfc3339(t):
+    """Unix seconds -> '2026-11-23T10:00:00Z', for JSON output."""
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+# ============================================================================
+# Redis state and Lua scripts
+# ============================================================================
+#
+# Keys (shared with the Go implementation; see SPEC.md section 4):
+#   canhazgpu:gpu_count, canhazgpu:provider, canhazgpu:gpu:{id} (JSON),
+#   canhazgpu:usage_history_sorted (zset of JSON records scored by end time),
+#   canhazgpu:queue (zset of entry ids scored by enqueue time in ns),
+#   canhazgpu:queue:entry:{id} (JSON).
+# Ours alone: canhazgpu:events, a pub/sub channel that wakes waiters on release.
+
+KEY = "canhazgpu:"
+EVENTS = KEY + "events"
+HISTORY_DAYS = 90
+
+# Shared by every script.  Each script gets one JSON argument, A.  Lua's cjson
+# writes at most 14 significant digits and turns [] into {}, which would break
+# Go readers of nanosecond fields and lists, so the scripts encode with enc().
+LUA_LIB = r"""
+local P = 'canhazgpu:'
+local unpack = unpack or table.unpack
+local A = cjson.decode(ARGV[1])
+local NOW = tonumber(A.now)
+local ARRAYS = {allocated_gpus = true, requested_ids = true, gpus = true, lost = true,
+  have = true, released = true, results = true, reasons = true}
+
+local function enc(v, key)
+  local t = type(v)
+  if t == 'table' then
+    local out = {}
+    if ARRAYS[key] or #v > 0 then
+      for i = 1, #v do out[i] = enc(v[i]) end
+      return '[' .. table.concat(out, ',') .. ']'
+    end
+    local keys = {}
+    for k in pairs(v) do keys[#keys + 1] = tostring(k) end
+    table.sort(keys)
+    for _, k in ipairs(keys) do out[#out + 1] = cjson.encode(k) .. ':' .. enc(v[k], k) end
+    return '{' .. table.concat(out, ',') .. '}'
+  elseif t == 'number' then
+    if v == math.floor(v) and math.abs(v) < 9e18 then return string.format('%d', v) end
+    return string.format('%.16g', v)
+  end
+  return cjson.encode(v)
+end
+
+local function decode(raw)
+  if not raw then return nil end
+  local ok, v = pcall(cjson.decode, raw)
+  if ok and type(v) == 'table' then return v end
+  return nil
+end
+
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * ((m + 9) % 12) + 2) / 5) + d - 1
+  return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
+end
+
+-- Unix number (bare or quoted) or RFC 3339 string with any offset -> seconds.
+local function ts(v)
+  if type(v) == 'number' then return v end
+  if type(v) ~= 'string' then return nil end
+  local n = tonumber(v)
+  if n then return n end
+  local y, mo, d, h, mi, s, rest = string.match(v,
+    '^(%d%d%d%d)%-(%d%d)%-(%d%d)[Tt ](%d%d):(%d%d):(%d%d%.?%d*)(.*)$')
+  if not y then return nil end
+  local t = days_from_civil(tonumber(y), tonumber(mo), tonumber(d)) * 86400
+    + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(s)
+  if rest == '' or rest == 'Z' or rest == 'z' then return t end
+  local sign, oh, om = string.match(rest, '^([%+%-])(%d%d):?(%d%d)$')
+  if not sign then return nil end
+  local off = tonumber(oh) * 3600 + tonumber(om) * 60
+  if sign == '+' then return t - off end
+  return t + off
+end
+
+local function str(v) return type(v) == 'string' and v ~= '' end
+local function held(st) return type(st) == 'table' and str(st.user) end
+local function partial_of(st)
+  if held(st) and str(st.partial_queue_id) then return st.partial_queue_id end
+end
+local function owner(st) if str(st.actual_user) then return st.actual_user end return st.user end
+
+-- The pool: S[i] is the decoded state (false when unparseable), RAW[i] its JSON.
+local N = tonumber(redis.call('GET', P .. 'gpu_count') or '') or 0
+local S, RAW = {}, {}
+local FREED = false
+
+local function load_pool()
+  if N <= 0 then return end
+  local keys = {}
+  for i = 0, N - 1 do keys[#keys + 1] = P .. 'gpu:' .. i end
+  local raws = redis.call('MGET', unpack(keys))
+  for i = 0, N - 1 do
+    RAW[i] = raws[i + 1]
+    if RAW[i] then S[i] = decode(RAW[i]) or false else S[i] = {} end
+  end
+end
+
+local function put(i, st)
+  S[i] = st
+  RAW[i] = enc(st)
+  redis.call('SET', P .. 'gpu:' .. i, RAW[i])
+end
+
+-- End whatever holds GPU i, leaving a usage record.
+local function free(i)
+  local st = S[i]
+  if held(st) then
+    local start = ts(st.start_time) or NOW
+    redis.call('ZADD', P .. 'usage_history_sorted', NOW, enc({
+      user = st.user, actual_user = st.actual_user, gpu_id = i, start_time = start,
+      end_time = NOW, duration_seconds = math.max(0, NOW - start),
+      reservation_type = str(st.type) and st.type or 'run'}))
+  end
+  put(i, {last_released = NOW})
+  FREED = true
+end
+
+-- Q: live queue entries in order, each {qid=, e=}; LIVE[qid] = entry.
+local Q, LIVE = {}, {}
+
+local function drop_entry(qid)
+  redis.call('ZREM', P .. 'queue', qid)
+  redis.call('DEL', P .. 'queue:entry:' .. qid)
+  LIVE[qid] = nil
+  for i = 0, N - 1 do
+    if partial_of(S[i]) == qid then free(i) end
+  end
+  FREED = true
+end
+
+local function load_queue()
+  for _, qid in ipairs(redis.call('ZRANGE', P .. 'queue', 0, -1)) do
+    local e = decode(redis.call('GET', P .. 'queue:entry:' .. qid))
+    local hb = e and (ts(e.last_heartbeat) or ts(e.enqueue_time))
+    if hb and NOW - hb <= A.queue_timeout then
+      Q[#Q + 1] = {qid = qid, e = e}
+      LIVE[qid] = e
+    else
+      drop_entry(qid)
+    end
+  end
+end
+
+-- Expired reservations end here, in every script that reads the pool.
+local function expire_pool()
+  for i = 0, N - 1 do
+    local st = S[i]
+    if held(st) then
+      local dead = false
+      local qid = partial_of(st)
+      if qid then
+        dead = not LIVE[qid]
+      elseif st.type == 'manual' then
+        local e = ts(st.expiry_time)
+        dead = e ~= nil and e <= NOW
+      else
+        local hb = ts(st.last_heartbeat) or ts(st.start_time)
+        dead = hb ~= nil and NOW - hb > A.heartbeat_timeout
+      end
+      if dead then free(i) end
+    end
+  end
+end
+
+local function settle()
+  load_pool()
+  load_queue()
+  expire_pool()
+end
+
+local function finish()
+  if FREED then
+    redis.call('ZREMRANGEBYSCORE', P .. 'usage_history_sorted', '-inf',
+      string.format('(%d', math.floor(NOW - 86400 * 90)))
+    redis.call('PUBLISH', P .. 'events', 'released')
+  end
+end
+"""
+
+# status, queue and web: end what has expired, then return the whole pool.
+LUA_SNAPSHOT = r"""
+settle()
+finish()
+local states, queue = {}, {}
+for i = 0, N - 1 do states[i + 1] = RAW[i] or false end
+for k, q in ipairs(Q) do queue[k] = enc(q.e) end
+return {N, redis.call('GET', P .. 'provider') or false, states, queue}
+"""
+
+LUA_ADMIN = r"""
+local old = tonumber(redis.call('GET', P .. 'gpu_count') or '')
+if old and not A.force then
+  return enc({status = 'exists', count = old, provider = redis.call('GET', P .. 'provider')})
+end
+N = old or 0
+load_pool()
+local ended = 0
+for i = 0, N - 1 do
+  if held(S[i]) then ended = ended + 1 end
+  if held(S[i]) or S[i] == false then free(i) end
+end
+for i = A.count, N - 1 do redis.call('DEL', P .. 'gpu:' .. i) end
+for _, qid in ipairs(redis.call('ZRANGE', P .. 'queue', 0, -1)) do drop_entry(qid) end
+redis.call('SET', P .. 'gpu_count', A.count)
+redis.call('SET', P .. 'provider', A.provider)
+FREED = true
+finish()
+return enc({status = 'ok', ended = ended, old = old})
+"""
+
+# Release by ids (any type, the caller's own), by token (run's own GPUs, a
+# cancelled waiter's), or every manual reservation of the caller.
+LUA_RELEASE = r"""
+load_pool()
+local results = {}
+local function release(i)
+  local st = S[i]
+  if i < 0 or i >= N then
+    results[#results + 1] = {gpu = i, result = 'range'}
+  elseif st == false then
+    results[#results + 1] = {gpu = i, result = 'corrupt'}
+  elseif not held(st) then
+    results[#results + 1] = {gpu = i, result = 'free'}
+  elseif owner(st) ~= A.actual_user then
+    results[#results + 1] = {gpu = i, result = 'other', user = st.user}
+  else
+    free(i)
+    results[#results + 1] = {gpu = i, result = 'released', type = st.type}
+  end
+end
+for _, i in ipairs(A.ids or {}) do release(tonumber(i)) end
+local mine_manual = not A.ids and not A.token and not A.entry
+for i = 0, N - 1 do
+  local st = S[i]
+  if held(st) and not partial_of(st) and ((A.token and st.reservation_id == A.token)
+      or (mine_manual and st.type == 'manual' and owner(st) == A.actual_user)) then
+    release(i)
+  end
+end
+if A.entry then
+  redis.call('ZREM', P .. 'queue', A.entry)
+  redis.call('DEL', P .. 'queue:entry:' .. A.entry)
+  for i = 0, N - 1 do
+    if partial_of(S[i]) == A.entry then release(i) end
+  end
+  FREED = true
+end
+finish()
+return enc({results = results})
+"""
+
+# Compare-and-set on the reservation token: a stale supervisor can never
+# extend a GPU that has since passed to someone else.
+LUA_HEARTBEAT = r"""
+local lost = {}
+for _, i in ipairs(A.gpus) do
+  local key = P .. 'gpu:' .. i
+  local st = decode(redis.call('GET', key))
+  if held(st) and st.reservation_id == A.token and not partial_of(st) then
+    st.last_heartbeat = NOW
+    redis.call('SET', key, enc(st))
+  else
+    lost[#lost + 1] = i
+  end
+end
+return enc({lost = lost})
+"""
+
+# Allocation and the FCFS queue, in one atomic step.  A.req is the request; with
+# A.req.entry set the caller is a waiter polling its place in the queue.
+#
+# Fairness without head-of-line blocking: walking the queue in order, each
+# waiter gathers the free GPUs it may take; a waiter still short of a *count*
+# then holds back every free GPU from those behind it, a waiter for *ids* only
+# those ids.  A newcomer may take only what no waiter holds back.
+LUA_ALLOCATE = r"""
+settle()
+local R = A.req
+if N <= 0 then return enc({status = 'nopool'}) end
+if (R.count or 0) > N then
+  return enc({status = 'invalid', reason = 'toomany', pool = N})
+end
+for _, i in ipairs(R.ids or {}) do
+  if i >= N then return enc({status = 'invalid', reason = 'range', gpu = i, pool = N}) end
+end
+
+local UNRES = {}
+for _, i in ipairs(A.unreserved or {}) do UNRES[i] = true end
+local function usable(i) return S[i] ~= false and not held(S[i]) and not UNRES[i] end
+
+local HISTORY
+local function recent_use(actual_user, user)
+  if not HISTORY then
+    HISTORY = {}
+    for _, raw in ipairs(redis.call('ZREVRANGE', P .. 'usage_history_sorted', 0, 999)) do
+      HISTORY[#HISTORY + 1] = decode(raw)
+    end
+  end
+  local last = {}
+  for _, r in ipairs(HISTORY) do
+    local mine
+    if str(r.actual_user) then mine = r.actual_user == actual_user
+    else mine = r.user == user or r.user == actual_user end
+    local g, t = tonumber(r.gpu_id), ts(r.end_time)
+    if mine and g and t and (not last[g] or t > last[g]) then last[g] = t end
+  end
+  return last
+end
+
+-- MRU for this user, then least recently released (never used first), then id.
+local function ordered(cands, who)
+  local mru = recent_use(who.actual_user, who.user)
+  local function released(i) return ts(S[i].last_released) or -1 end
+  table.sort(cands, function(a, b)
+    local ma, mb = mru[a], mru[b]
+    if ma and mb and ma ~= mb then return ma > mb end
+    if (ma == nil) ~= (mb == nil) then return ma ~= nil end
+    local la, lb = released(a), released(b)
+    if la ~= lb then return la < lb end
+    return a < b
+  end)
+  return cands
+end
+
+local function grant(i, who, qid)
+  local st = {user = who.user, actual_user = who.actual_user, type = who.type,
+    start_time = NOW, last_heartbeat = NOW, reservation_id = who.token,
+    host = who.host, pid = who.pid}
+  if str(who.note) then st.note = who.note end
+  if qid then st.partial_queue_id = qid
+  elseif who.type == 'manual' then st.expiry_time = NOW + who.duration end
+  put(i, st)
+end
+
+local blocked_all, blocked = false, {}
+
+local function request_of(e, qid)
+  local ids = {}
+  if type(e.requested_ids) == 'table' then
+    for _, i in ipairs(e.requested_ids) do ids[#ids + 1] = tonumber(i) end
+  end
+  local dur = tonumber(e.expiry_duration)
+  return {user = e.user, actual_user = str(e.actual_user) and e.actual_user or e.user,
+    type = str(e.reservation_type) and e.reservation_type or 'run',
+    count = tonumber(e.requested_count) or #ids, ids = ids, note = e.note,
+    token = str(e.reservation_id) and e.reservation_id or qid, host = e.host, pid = e.pid,
+    duration = dur and dur / 1e9 or 0}
+end
+
+-- GPUs already gathered by queue entry qid.
+local function holding(qid)
+  local have = {}
+  for i = 0, N - 1 do if partial_of(S[i]) == qid then have[#have + 1] = i end end
+  return have
+end
+
+-- What a request still lacks given what it holds: {missing ids} or a count.
+local function lacking(req, have)
+  if #req.ids == 0 then return nil, req.count - #have end
+  local got, missing = {}, {}
+  for _, i in ipairs(have) do got[i] = true end
+  for _, i in ipairs(req.ids) do if not got[i] then missing[#missing + 1] = i end end
+  return missing, #missing
+end
+
+-- Free GPUs this request may take now, best first.
+local function candidates(req, missing)
+  local cands = {}
+  if blocked_all then return cands end
+  if missing then
+    for _, i in ipairs(missing) do
+      if usable(i) and not blocked[i] then cands[#cands + 1] = i end
+    end
+  else
+    for i = 0, N - 1 do
+      if usable(i) and not blocked[i] then cands[#cands + 1] = i end
+    end
+  end
+  return ordered(cands, req)
+end
+
+-- A waiter gathers what it may take; if still short, it holds back the rest.
+local function gather(qid, e)
+  local req = request_of(e, qid)
+  local have = holding(qid)
+  local missing, need = lacking(req, have)
+  local took = 0
+  if need > 0 then
+    local cands = candidates(req, missing)
+    for k = 1, math.min(need, #cands) do
+      grant(cands[k], req, qid)
+      have[#have + 1] = cands[k]
+      took = took + 1
+    end
+  end
+  if took > 0 then
+    table.sort(have)
+    e.allocated_gpus = have
+    redis.call('SET', P .. 'queue:entry:' .. qid, enc(e))
+  end
+  missing, need = lacking(req, have)
+  if need > 0 then
+    if missing then
+      for _, i in ipairs(missing) do blocked[i] = true end
+    else
+      blocked_all = true
+    end
+  end
+  return have, need, req
+end
+
+-- A complete waiter turns its gathered GPUs into one reservation and leaves.
+local function complete(qid, have, req)
+  for _, i in ipairs(have) do
+    local st = S[i]
+    st.partial_queue_id = nil
+    st.last_heartbeat = NOW
+    st.reservation_id = R.token
+    if req.type == 'manual' then st.expiry_time = NOW + req.duration end
+    put(i, st)
+  end
+  redis.call('ZREM', P .. 'queue', qid)
+  redis.call('DEL', P .. 'queue:entry:' .. qid)
+  finish()
+  return enc({status = 'ok', gpus = have})
+end
+
+local function queued(pos, have, need)
+  finish()
+  return enc({status = 'queued', position = pos, have = have, need = need, waiting = #Q})
+end
+
+if str(R.entry) then
+  for pos, q in ipairs(Q) do
+    local have, need, req = gather(q.qid, q.e)
+    if q.qid == R.entry then
+      if need == 0 then return complete(q.qid, have, req) end
+      q.e.last_heartbeat = NOW
+      redis.call('SET', P .. 'queue:entry:' .. q.qid, enc(q.e))
+      return queued(pos, have, need)
+    end
+  end
+  finish()
+  return enc({status = 'gone'})
+end
+
+for _, q in ipairs(Q) do gather(q.qid, q.e) end
+
+local req = {user = R.user, actual_user = R.actual_user, type = R.type, count = R.count,
+  ids = R.ids or {}, note = R.note, token = R.token, host = R.host, pid = R.pid,
+  duration = R.duration}
+local missing, need = lacking(req, {})
+local cands = candidates(req, missing)
+if #cands >= need then
+  local gpus = {}
+  for k = 1, need do grant(cands[k], req, nil); gpus[k] = cands[k] end
+  table.sort(gpus)
+  finish()
+  return enc({status = 'ok', gpus = gpus})
+end
+
+if not R.block then
+  -- Say why, GPU by GPU for ids, in totals for a count.
+  local reasons, free_now, unreserved, held_back = {}, 0, 0, 0
+  for i = 0, N - 1 do
+    if S[i] ~= false and not held(S[i]) then
+      if UNRES[i] then unreserved = unreserved + 1
+      elseif blocked_all or blocked[i] then held_back = held_back + 1
+      else free_now = free_now + 1 end
+    end
+  end
+  for _, i in ipairs(missing or {}) do
+    local st = S[i]
+    local why = {gpu = i}
+    if st == false then why.reason = 'corrupt'
+    elseif held(st) then why.reason = 'held'; why.user = st.user; why.type = st.type
+    elseif UNRES[i] then why.reason = 'unreserved'
+    elseif blocked_all or blocked[i] then why.reason = 'queued'
+    else why = nil end
+    if why then reasons[#reasons + 1] = why end
+  end
+  finish()
+  return enc({status = 'unavailable', free = free_now, unreserved = unreserved,
+    held_back = held_back, waiting = #Q, reasons = reasons})
+end
+
+-- Join the queue at its tail and gather what no earlier waiter holds back.
+local e = {id = R.new_entry, user = R.user, actual_user = R.actual_user,
+  requested_count = R.count, allocated_gpus = {}, reservation_type = R.type,
+  enqueue_time = NOW, last_heartbeat = NOW, reservation_id = R.token, host = R.host,
+  pid = R.pid}
+if #req.ids > 0 then e.requested_ids = req.ids end
+if R.type == 'manual' then e.expiry_duration = math.floor(R.duration * 1e9 + 0.5) end
+if str(R.note) then e.note = R.note end
+if R.wait then e.wait_timeout = math.floor(R.wait * 1e9 + 0.5) end
+redis.call('ZADD', P .. 'queue', R.enqueue_ns, R.new_entry)
+redis.call('SET', P .. 'queue:entry:' .. R.new_entry, enc(e))
+Q[#Q + 1] = {qid = R.new_entry, e = e}
+local have, still = gather(R.new_entry, e)
+return queued(#Q, have, still)
+"""
+
+
+def redacted(url):
+    """A Redis URL as it may be shown: never with its password."""
+    return re.sub(r"(?<=://)([^:@/]*):[^@/]*@", lambda m: m.group(1) + ":***@", url)
+
+
+class Store:
+    """The Redis connection and the Lua scripts, each one round trip (EVALSHA)."""
+
+    SCRIPTS = {
+        "snapshot": LUA_SNAPSHOT,
+        "admin": LUA_ADMIN,
+        "allocate": LUA_ALLOCATE,
+        "release": LUA_RELEASE,
+        "heartbeat": LUA_HEARTBEAT,
+    }
+
+    def __init__(self, config, client=None):
+        self.config = config
+        if config["redis.url"]:
+            self.url = config["redis.url"]
+        else:
+            self.url = f"redis://{config['redis.host']}:{config['redis.port']}/{config['redis.db']}"
+        self.address = redacted(self.url)
+        self.redis = client if client is not None else self._connect()
+        self._scripts = {}
+
+    def _connect(self):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        try:
+            # No silent retries with back-off: a dead Redis is one clear line, at once.
+            return redis.Redis.from_url(
+                self.url,
+                decode_responses=True,
+                socket_connect_timeout=3,
+                socket_timeout=10,
+                retry=Retry(NoBackoff(), 0),
+            )
+        except ValueError as e:
+            raise UsageError(f"invalid Redis URL {self.address}: {e}") from None
+
+    def failure(self, error):
+        """Turn a redis-py exception into one clear line."""
+        import redis
+
+        if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+            reason = str(error).split(". ")[-1].rstrip(".") or type(error).__name__
+            return CanhazError(
+                f"cannot reach Redis at {self.address}: {reason}",
+                hint="start it with `redis-server`, or point canhazgpu at yours "
+                "with --redis-url or CANHAZGPU_REDIS_URL",
+            )
+        if isinstance(error, redis.AuthenticationError) or "NOAUTH" in str(error):
+            return CanhazError(f"Redis at {self.address} refused the password: {error}")
+        return CanhazError(f"Redis at {self.address} failed: {error}")
+
+    def script(self, name, **args):
+        """Run one of SCRIPTS with its JSON argument; returns what the script returns."""
+        import redis
+
+        args = {k: v for k, v in args.items() if v is not None}  # JSON null is true in Lua
+        if isinstance(args.get("req"), dict):
+            args["req"] = {k: v for k, v in args["req"].items() if v is not None}
+        args.setdefault("now", time.time())
+        args["heartbeat_timeout"] = self.config["heartbeat.timeout"]
+        args["queue_timeout"] = self.config["queue.heartbeat_timeout"]
+        if name not in self._scripts:
+            self._scripts[name] = self.redis.register_script(LUA_LIB + self.SCRIPTS[name])
+        try:
+            reply = self._scripts[name](args=[json.dumps(args)])
+        except redis.RedisError as e:
+            raise self.failure(e) from None
+        return json.loads(reply) if isinstance(reply, str) else reply
+
+    def do(self, method, *args):
+        """One plain Redis command, with its failure turned into a clear line."""
+        import redis
+
+        try:
+            return getattr(self.redis, method)(*args)
+        except redis.RedisError as e:
+            raise self.failure(e) from None
+
+
+# ============================================================================
+# GPU providers
+# ============================================================================
+#
+# A provider tells what the hardware says: memory used per GPU and the
+# processes on it.  Reservations are Redis's business; a GPU whose memory is
+# above the threshold while no reservation holds it is "in use without
+# reservation".  A provider that fails never stops a command: status shows
+# validation as unavailable and allocation goes on with reservations alone.
+
+PROVIDERS = ("nvidia", "amd", "fake")
+TOOL_TIMEOUT = 10.0
+NOT_A_VALUE = ("[N/A]", "[Not Supported]", "[Insufficient Permissions]", "N/A", "[Unknown Error]")
+
+
+class ProviderError(Exception):
+    pass
+
+
+class GpuProcess:
+    def __init__(self, pid, name, memory_mb):
+        self.pid, self.name, self.memory_mb = pid, name, memory_mb
+        self.owner = None  # filled from /proc; unknown for PIDs of another namespace
+        self.model = None
+
+    def label(self):
+        return f"PID {self.pid} ({self.name})" if self.pid else f"({self.name})"
+
+
+class GpuUsage:
+    def __init__(self, index, uuid, name, memory_used, memory_total):
+        self.index, self.uuid, self.name = index, uuid, name
+        self.memory_used, self.memory_total = memory_used, memory_total
+        self.processes = []
+
+    @property
+    def used_mb(self):
+        """Memory in use in MB; from its processes when the GPU itself does not say."""
+        if self.memory_used is not None:
+            return self.memory_used
+        known = [p.memory_mb for p in self.processes if p.memory_mb is not None]
+        return sum(known) if known else None
+
+    def in_use(self, threshold):
+        """Strictly above the threshold: exactly 1024 MB is not in use at the default."""
+        return self.used_mb is not None and self.used_mb > threshold
+
+
+def megabytes(text):
+    """'8452', '8452 MiB', '[N/A]' -> 8452, 8452, None."""
+    text = str(text).strip()
+    if text in NOT_A_VALUE:
+        return None
+    try:
+        return int(float(text.split()[0]))
+    except (ValueError, IndexError):
+        return None
+
+
+class Provider:
+    """Base of the providers: queries start early and are read once."""
+
+    name = ""
+    tool = ""
+    queries = ()
+
+    def __init__(self, count=None):
+        self.count = count
+        self._procs = None
+        self._result = None
+
+    @staticmethod
+    def create(name, count=None):
+        return {"nvidia": NvidiaProvider, "amd": AmdProvider, "fake": FakeProvider}[name](count)
+
+    @classmethod
+    def installed(cls):
+        return bool(cls.tool) and shutil.which(cls.tool) is not None
+
+    def start(self):
+        """Start the tool's queries concurrently, so their latency overlaps ours."""
+        if self._procs is not None or not self.queries:
+            return
+        self._deadline = time.monotonic() + TOOL_TIMEOUT
+        self._procs = []
+        for query in self.queries:
+            try:
+                proc = subprocess.Popen(
+                    [self.tool, *query],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    errors="replace",
+                )
+            except OSError as e:
+                proc = ProviderError(f"cannot run {self.tool}: {e.strerror}")
+            self._procs.append(proc)
+
+    def discard(self):
+        for proc in self._procs or ():
+            if not isinstance(proc, ProviderError) and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def _output(self, proc):
+        if isinstance(proc, ProviderError):
+            raise proc
+        try:
+            out, _ = proc.communicate(timeout=max(0.1, self._deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise ProviderError(f"{self.tool} did not answer within {TOOL_TIMEOUT:.0f}s") from None
+        if proc.returncode != 0:
+            first = next((ln.strip() for ln in out.splitlines() if ln.strip()), "no output")
+            raise ProviderError(f"{self.tool} failed (exit {proc.returncode}): {first}")
+        return out
+
+    def usage(self):
+        """{gpu index: GpuUsage}; raises ProviderError.  Runs the tool at most once."""
+        if self._result is None:
+            try:
+                self.start()
+                self._result = self.parse(*[self._output(p) for p in self._procs])
+            except ProviderError as e:
+                self._result = e
+        if isinstance(self._result, ProviderError):
+            raise self._result
+        return self._result
+
+    def detect_count(self):
+        """How many GPUs the hardware has, or None if the tool cannot tell."""
+        try:
+            return len(self.usage())
+        except ProviderError:
+            return None
+
+
+class NvidiaProvider(Provider):
+    name, tool = "nvidia", "nvidia-smi"
+    queries = (
+        (
+            "--query-gpu=index,gpu_uuid,name,memory.used,memory.total",
+            "--format=csv,noheader,nounits",
+        ),
+        (
+            "--query-compute-apps=pid,process_name,gpu_uuid,used_memory",
+            "--format=csv,noheader,nounits",
+        ),
+    )
+
+    def parse(self, gpu_text, app_text):
+        return parse_nvidia(gpu_text, app_text)
+
+
+def parse_nvidia(gpu_text, app_text):
+    """Parse the two CSV queries.  Names may hold commas, so fields are taken
+    from both ends of a line and the name is what is left in the middle."""
+    gpus = {}
+    for line in gpu_text.splitlines():
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) < 5 or not fields[0].isdigit():
+            raise ProviderError(f"nvidia-smi printed an unexpected line: {line.strip()[:80]!r}")
+        index, gpu_uuid, *name, used, total = fields
+        gpus[int(index)] = GpuUsage(
+            int(index), gpu_uuid, ", ".join(name), megabytes(used), megabytes(total)
+        )
+    by_uuid = {gpu.uuid: gpu for gpu in gpus.values()}
+    for line in app_text.splitlines():
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) < 4:
+            raise ProviderError(f"nvidia-smi printed an unexpected line: {line.strip()[:80]!r}")
+        pid, *name, gpu_uuid, used = fields
+        gpu = by_uuid.get(gpu_uuid)
+        if gpu is not None:
+            name = ", ".join(name)
+            gpu.processes.append(
+                GpuProcess(
+                    int(pid) if pid.isdigit() else None, os.path.basename(name), megabytes(used)
+                )
+            )
+    return gpus
+
+
+class AmdProvider(Provider):
+    name, tool = "amd", "amd-smi"
+    queries = (("list", "--json"), ("metric", "--mem-usage", "--json"), ("process", "--json"))
+
+    def parse(self, list_text, metric_text, process_text):
+        return parse_amd(list_text, metric_text, process_text)
+
+
+def amd_gpus(text, what):
+    """amd-smi JSON: ROCm 6 prints a list of per-GPU objects, ROCm 7 {'gpu_data': [...]}."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise ProviderError(f"amd-smi {what} printed something that is not JSON") from None
+    if isinstance(doc, dict):
+        doc = doc.get("gpu_data", [doc])
+    if not isinstance(doc, list):
+        raise ProviderError(f"amd-smi {what} printed JSON of an unexpected shape")
+    return [item for item in doc if isinstance(item, dict) and isinstance(item.get("gpu"), int)]
+
+
+def amd_megabytes(value):
+    """{'value': 8858370048, 'unit': 'B'} -> 8448; also plain numbers (MB) and 'N/A'."""
+    if isinstance(value, dict):
+        number, unit = value.get("value"), str(value.get("unit", "MB")).upper()
+    else:
+        number, unit = value, "MB"
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        return megabytes(number) if isinstance(number, str) else None
+    scale = {"B": 1 / 2**20, "KB": 1 / 1024, "KIB": 1 / 1024, "MB": 1, "MIB": 1, "GB": 1024}
+    return int(number * scale.get(unit, 1))
+
+
+def parse_amd(list_text, metric_text, process_text):
+    gpus = {}
+    for item in amd_gpus(list_text, "list"):
+        name = item.get("market_name") or item.get("name") or "AMD GPU"
+        gpus[item["gpu"]] = GpuUsage(item["gpu"], str(item.get("uuid", "")), name, None, None)
+    for item in amd_gpus(metric_text, "metric"):
+        gpu = gpus.setdefault(item["gpu"], GpuUsage(item["gpu"], "", "AMD GPU", None, None))
+        mem = item.get("mem_usage") or {}
+        gpu.memory_used = amd_megabytes(mem.get("used_vram"))
+        gpu.memory_total = amd_megabytes(mem.get("total_vram"))
+    for item in amd_gpus(process_text, "process"):
+        gpu = gpus.get(item["gpu"])
+        for entry in item.get("process_list") or ():
+            info = entry.get("process_info") if isinstance(entry, dict) else None
+            if gpu is None or not isinstance(info, dict):
+                continue  # "No running processes detected"
+            usage = info.get("memory_usage") or {}
+            memory = amd_megabytes(usage.get("vram_mem", info.get("mem_usage")))
+            pid = info.get("pid")
+            gpu.processes.append(
+                GpuProcess(
+                    pid if isinstance(pid, int) else None, str(info.get("name", "?")), memory
+                )
+            )
+    return gpus
+
+
+class FakeProvider(Provider):
+    """For machines without GPUs and demos: every GPU idle."""
+
+    name = "fake"
+
+    def usage(self):
+        return {
+            i: GpuUsage(i, f"GPU-fake-{i}", "Fake GPU", 0, 81920) for i in range(self.count or 0)
+        }
+
+    def detect_count(self):
+        return None
+
+
+def detect_model(cmdline):
+    """The model a process serves, from its command line, or None.
+
+    vLLM: `vllm serve ORG/NAME` or `--model`; lm_eval: `--model_args pretrained=X`;
+    anything else: `--model X`.  Returns {'provider': ORG, 'model': X}.
+    """
+    model = None
+    for k, arg in enumerate(cmdline):
+        value = cmdline[k + 1] if k + 1 < len(cmdline) else ""
+        if arg in ("--model_args", "--model-args") or arg.startswith(
+            ("--model_args=", "--model-args=")
+        ):
+            found = re.search(
+                r"(?:^|,)pretrained=([^,]+)", arg.split("=", 1)[1] if "=" in arg else value
+            )
+            if found:
+                return model_info(found.group(1))
+        if (
+            model is None
+            and arg == "serve"
+            and k > 0
+            and os.path.basename(cmdline[k - 1]) == "vllm"
+        ):
+            if value and not value.startswith("-"):
+                model = value
+        if model is None and arg == "--model" and value:
+            model = value
+        elif model is None and arg.startswith("--model="):
+            model = arg.split("=", 1)[1]
+    return model_info(model) if model else None
+
+
+def model_info(model):
+    if model.startswith(("/", ".", "~")):
+        return {"provider": "local", "model": model}
+    return {"provider": model.split("/")[0] if "/" in model else "", "model": model}
+
+
+def inspect_processes(usages):
+    """Fill in each GPU process's owner and model (from it or up to 3 parents)."""
+    import psutil
+
+    for gpu in usages.values():
+        for proc in gpu.processes:
+            if proc.pid is None:
+                continue
+            try:
+                ps = psutil.Process(proc.pid)
+                proc.owner = ps.username()
+                for _ in range(4):
+                    proc.model = detect_model(ps.cmdline())
+                    ps = ps.parent()
+                    if proc.model or ps is None or ps.pid <= 1:
+                        break
+            except (psutil.Error, KeyError):
+                continue  # gone, or in another PID namespace: owner unknown
+
+
+# ============================================================================
+# Allocation and queue
+# ============================================================================
+
+QUEUE_POLL = 5.0  # seconds between a waiter's polls when no release wakes it
+
+
+class Reservation:
+    """One GPU's state as Redis holds it; unknown fields are kept in `data`."""
+
+    def __init__(self, gpu, raw):
+        self.gpu, self.raw, self.error = gpu, raw, None
+        try:
+            self.data = json.loads(raw) if raw else {}
+        except ValueError:
+            self.data = None
+        if not isinstance(self.data, dict):
+            self.error = f"unparseable state: {str(raw)[:60]}"
+            self.data = {}
+
+    def __getattr__(self, name):
+        return self.data.get(name)
+
+    @property
+    def held(self):
+        return isinstance(self.data.get("user"), str) and self.data["user"] != ""
+
+    @property
+    def owner(self):
+        return self.data.get("actual_user") or self.data.get("user")
+
+    @property
+    def kind(self):
+        return self.data.get("type") or "run"
+
+    @property
+    def partial(self):
+        return self.held and bool(self.data.get("partial_queue_id"))
+
+    def time(self, field):
+        return parse_time(self.data.get(field))
+
+    def display_user(self):
+        """'actual (display)' when --user named someone else."""
+        user, actual = self.data.get("user"), self.data.get("actual_user")
+        return f"{actual} ({user})" if actual and actual != user else user
+
+
+class Snapshot:
+    """The pool and the queue as one script saw them, after ending what expired."""
+
+    def __init__(self, reply):
+        count, provider, states, queue = reply
+        self.count = int(count)
+        self.provider = provider or ("nvidia" if self.count else None)
+        self.gpus = [Reservation(i, raw) for i, raw in enumerate(states)]
+        self.queue = [json.loads(raw) for raw in queue]
+
+
+class Request:
+    """What a `run` or `reserve` asks for."""
+
+    def __init__(self, kind, count, ids=None, duration=None, note=None, user=None, force=False):
+        self.kind, self.count, self.ids = kind, count, ids
+        self.duration, self.note, self.force = duration, note, force
+        self.actual_user = current_user()
+        self.user = user or self.actual_user
+        self.token = uuid.uuid4().hex
+        self.entry = None  # our queue entry id while we wait
+
+    def describe(self):
+        if self.ids:
+            return "GPU" + ("s " if len(self.ids) > 1 else " ") + ", ".join(map(str, self.ids))
+        return f"{self.count} GPU" + ("s" if self.count != 1 else "")
+
+    def lua(self):
+        return {
+            "user": self.user,
+            "actual_user": self.actual_user,
+            "type": self.kind,
+            "count": self.count,
+            "ids": self.ids or None,
+            "duration": self.duration,
+            "note": self.note,
+            "token": self.token,
+            "host": os.uname().nodename,
+            "pid": os.getpid(),
+        }
+
+
+class Pool:
+    """The GPU pool in Redis, with the provider that validates it."""
+
+    def __init__(self, store, config, provider=None):
+        self.store, self.config = store, config
+        self._provider = provider  # started early by main() when it could guess
+        self._warned = False
+
+    def snapshot(self):
+        return Snapshot(self.store.script("snapshot"))
+
+    def provider(self, name, count):
+        """The provider for this pool, reusing the one main() started if it fits."""
+        if self._provider is not None and self._provider.name == name:
+            self._provider.count = count
+            return self._provider
+        if self._provider is not None:
+            self._provider.discard()
+        self._provider = Provider.create(name, count)
+        return self._provider
+
+    def require(self):
+        """(count, provider name) of an initialised pool, or a clear error."""
+        count, name = self.store.do("mget", KEY + "gpu_count", KEY + "provider")
+        if not count or not str(count).isdigit() or int(count) == 0:
+            raise CanhazError(
+                "the GPU pool is not initialised",
+                hint="run `canhazgpu admin --gpus N` first (N = the GPUs of this machine)",
+            )
+        return int(count), name or "nvidia"
+
+    def unreserved(self, name, count):
+        """GPUs the hardware shows in use: the script skips those that no one holds."""
+        provider = self.provider(name, count)
+        try:
+            usage = provider.usage()
+        except ProviderError as e:
+            if not self._warned:
+                warn(f"cannot validate GPU usage ({e}); allocating on reservations alone")
+                self._warned = True
+            return []
+        return sorted(i for i, g in usage.items() if g.in_use(self.config["memory.threshold"]))
+
+    def allocate(self, req, name, count, block=False, entry=None, wait=None, fresh=False):
+        """One atomic allocation step; see LUA_ALLOCATE for the replies."""
+        if fresh:
+            self._provider = None
+        unreserved = [] if req.force else self.unreserved(name, count)
+        args = dict(req.lua(), block=block, entry=entry, wait=wait)
+        if block and not entry:
+            args["new_entry"] = str(uuid.uuid4())
+            args["enqueue_ns"] = str(time.time_ns())
+        reply = self.store.script("allocate", req=args, unreserved=unreserved)
+        if reply["status"] == "queued":
+            req.entry = entry or args.get("new_entry")
+        return reply
+
+    def release(self, ids=None, token=None, entry=None):
+        reply = self.store.script(
+            "release", ids=ids, token=token, entry=entry, actual_user=current_user()
+        )
+        return reply["results"]
+
+    def heartbeat(self, token, ids):
+        """Refresh a run's GPUs; returns the ids no longer held with this token."""
+        return self.store.script("heartbeat", token=token, gpus=ids)["lost"]
+
+
+class Interrupted(BaseException):
+    """A signal that ends a command before its GPUs are in use (rule 12 of run's design)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+CANCEL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+class CancelOnSignals:
+    """While reserving or queued: INT/TERM/HUP/QUIT raise Interrupted.  A signal
+    the caller ignored (nohup's SIGHUP) stays ignored."""
+
+    def __enter__(self):
+        self.saved = {}
+        for sig in CANCEL_SIGNALS:
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                self.saved[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise Interrupted(signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def die_of_signal(signum):
+    """End this process by `signum`, so the caller sees WIFSIGNALED (exit 128+N at worst)."""
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)
+
+
+def acquire(pool, req, block=True, wait=None, progress=None):
+    """Reserve now, or wait in the FCFS queue until the request is met.
+
+    Returns the sorted GPU ids.  A request that can never be met, or cannot be
+    met now with block=False, raises CanhazError; a signal while waiting
+    cancels the queue entry and any gathered GPUs, then raises Interrupted.
+    """
+    count, name = pool.require()
+    validate_request(req, count)
+    try:
+        with CancelOnSignals():
+            reply = pool.allocate(req, name, count, block=block, wait=wait)
+            if reply["status"] == "queued":
+                reply = Waiter(pool, req, name, count, reply, wait, progress).wait()
+            if reply["status"] != "ok":
+                raise allocation_error(reply, req, count)
+            return reply["gpus"]
+    except Interrupted:
+        # The signal may have cut a reply in half: cancel on a fresh connection.
+        # The token also frees GPUs granted by a script whose reply we never read.
+        pool.store.redis.connection_pool.disconnect()
+        pool.release(token=req.token, entry=req.entry)
+        raise
+
+
+class Waiter:
+    """A request in the queue: woken by releases (pub/sub), polling as a safety
+    net; each poll is also the heartbeat that keeps the entry alive."""
+
+    def __init__(self, pool, req, name, count, reply, wait, progress):
+        self.pool, self.req, self.name, self.count = pool, req, name, count
+        self.reply, self.wait_for, self.progress = reply, wait, progress
+        self.started = time.monotonic()
+
+    def wait(self):
+        events = self.pool.store.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            self.pool.store.do("ping")
+            events.subscribe(EVENTS)
+            reply = self.poll()  # a release may have come before the subscription
+            next_poll = time.monotonic() + QUEUE_POLL
+            while reply["status"] == "queued":
+                now = time.monotonic()
+                if self.wait_for is not None and now - self.started >= self.wait_for:
+                    self.pool.release(token=self.req.token, entry=self.req.entry)
+                    raise CanhazError(
+                        f"gave up after waiting {format_span(self.wait_for)} for "
+                        f"{self.req.describe()} (position {reply['position']} in the queue)",
+                        hint="`canhazgpu status` and `canhazgpu queue` show who holds and waits",
+                    )
+                if self.progress:
+                    self.progress(reply, now - self.started)
+                limit = next_poll - now
+                if self.wait_for is not None:
+                    limit = min(limit, self.started + self.wait_for - now)
+                if self.progress:
+                    limit = min(limit, 1.0)
+                woken = self._listen(events, max(0.0, limit))
+                if woken or time.monotonic() >= next_poll:
+                    reply = self.poll()
+                    next_poll = time.monotonic() + QUEUE_POLL
+            return reply
+        finally:
+            try:
+                events.close()
+            except Exception:  # closing a half-read connection after a signal
+                pass
+
+    def _listen(self, events, timeout):
+        import redis
+
+        try:
+            woken = events.get_message(timeout=timeout) is not None
+            while events.get_message(timeout=0) is not None:
+                woken = True
+            return woken
+        except redis.RedisError:
+            time.sleep(min(timeout, 1.0))  # Redis away: the next poll says so
+            return True
+
+    def poll(self):
+        reply = self.pool.allocate(
+            self.req, self.name, self.count, block=True, entry=self.req.entry, fresh=True
+        )
+        if reply["status"] == "gone":  # dropped as stale (e.g. while stopped): queue again
+            warn("our place in the queue had expired; queueing again")
+            reply = self.pool.allocate(self.req, self.name, self.count, block=True, fresh=True)
+        return reply
+
+
+def validate_request(req, count):
+    """Requests that can never be met fail at once, before anything is reserved."""
+    if req.ids:
+        outside = [i for i in req.ids if i >= count]
+        if outside:
+            raise UsageError(
+                f"GPU {outside[0]} is not in the pool (GPUs 0-{count - 1})",
+                hint="`canhazgpu status` lists the GPUs",
+            )
+    if req.count > count:
+        raise UsageError(f"requested {req.count} GPUs but the pool has only {count}")
+
+
+def allocation_error(reply, req, count):
+    status = reply["status"]
+    if status == "nopool":
+        return CanhazError(
+            "the GPU pool is not initialised", hint="run `canhazgpu admin --gpus N` first"
+        )
+    if status == "invalid":
+        return UsageError(f"requested {req.describe()} but the pool has {reply['pool']} GPUs")
+    if status != "unavailable":
+        return CanhazError(f"unexpected reply from the allocation script: {status}")
+    if req.ids:
+        lines = []
+        for why in reply["reasons"]:
+            gpu = why["gpu"]
+            lines.append(
+                {
+                    "held": f"GPU {gpu} is reserved by {why.get('user')} ({why.get('type')})",
+                    "unreserved": f"GPU {gpu} is in use without a reservation",
+                    "queued": f"GPU {gpu} is promised to an earlier request in the queue",
+                    "corrupt": f"GPU {gpu} has an unreadable state in Redis",
+                }[why["reason"]]
+            )
+        return CanhazError(
+            "; ".join(lines) or f"{req.describe()} not available",
+            hint="`canhazgpu status` shows who holds what; drop --nonblock to wait in the queue",
+        )
+    details = []
+    if reply["unreserved"]:
+        details.append(f"{reply['unreserved']} in use without reservation")
+    if reply["held_back"]:
+        details.append(f"{reply['held_back']} promised to {reply['waiting']} queued request(s)")
+    extra = f" ({', '.join(details)})" if details else ""
+    return CanhazError(
+        f"not enough GPUs available: requested {req.count}, available {reply['free']}{extra}",
+        hint="`canhazgpu status` shows who holds what; drop --nonblock to wait in the queue",
+    )
+
+
+def warn(message):
+    """One line on stderr; a dead terminal (EIO, EPIPE) must not stop us."""
+    try:
+        sys.stderr.write(f"Warning: {message}\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
+# ============================================================================
+# Supervisor
+# ============================================================================
+#
+# `run` is designed in shared/design/run-supervision.md.  (Built by the `run` issue.)
+
+
+# ============================================================================
+# Commands
+# ============================================================================
+
+STATUS_COLOURS = {"AVAILABLE": "32", "IN_USE": "33", "UNRESERVED": "31", "ERROR": "1;31"}
+
+
+def say(text=""):
+    """stdout is the result; a closed pipe (| head) must not end in a traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os._exit(0)
+
+
+def use_colour(args, stream=sys.stdout):
+    return not getattr(args, "no_color", False) and "NO_COLOR" not in os.environ and stream.isatty()
+
+
+def cmd_admin(app):
+    args = app.args
+    name = args.provider or detect_provider()
+    real = Provider.create(name).detect_count()
+    if real is not None and real != args.gpus:
+        warn(f"{Provider.create(name).tool} reports {real} GPU(s); the pool will have {args.gpus}")
+    reply = app.store().script("admin", count=args.gpus, provider=name, force=args.force)
+    if reply["status"] == "exists":
+        raise CanhazError(
+            f"the pool is already initialised with {reply['count']} GPUs "
+            f"(provider {reply.get('provider') or 'nvidia'})",
+            hint="add --force to re-initialise it; that ends every reservation",
+        )
+    verb = "Re-initialised" if reply.get("old") is not None else "Initialised"
+    say(f"{verb} the GPU pool: {args.gpus} GPU(s), provider {name}")
+    if reply["ended"]:
+        say(f"Ended {reply['ended']} reservation(s)")
+    return 0
+
+
+def detect_provider():
+    found = [p.name for p in (NvidiaProvider, AmdProvider) if p.installed()]
+    if len(found) > 1:
+        raise UsageError(
+            "both nvidia-smi and amd-smi are installed", hint="choose with --provider nvidia|amd"
+        )
+    if not found:
+        raise CanhazError(
+            "found neither nvidia-smi nor amd-smi on PATH",
+            hint="on a machine without GPUs, use --provider fake",
+        )
+    return found[0]
+
+
+def status_rows(snap, usage, threshold, now):
+    """One dict per GPU, in the `status --json` shape."""
+    rows = []
+    for gpu in snap.gpus:
+        hw = usage.get(gpu.gpu) if usage is not None else None
+        row = {"gpu_id": gpu.gpu}
+        if hw is not None:
+            row["gpu_model"] = hw.name
+            row["memory_mb"] = hw.used_mb
+            row["memory_total_mb"] = hw.memory_total
+            row["process_info"] = [
+                {"pid": p.pid, "name": p.name, "memory_mb": p.memory_mb, "user": p.owner}
+                for p in hw.processes
+            ]
+            models = [p.model for p in hw.processes if p.model]
+            if models:
+                row["model"] = models[0]
+        if gpu.error:
+            row.update(status="ERROR", error=gpu.error, details=gpu.error)
+        elif gpu.held:
+            start = gpu.time("start_time")
+            row.update(
+                status="IN_USE",
+                user=gpu.user,
+                actual_user=gpu.owner,
+                type=gpu.kind.upper(),
+                duration_seconds=round(now - start) if start else None,
+                duration=format_duration(now - start) if start else "",
+                last_heartbeat=rfc3339(gpu.time("last_heartbeat")),
+                expiry_time=rfc3339(gpu.time("expiry_time")),
+            )
+            if gpu.partial:
+                row["details"] = "gathering for a queued request"
+            elif gpu.kind == "manual" and gpu.time("expiry_time"):
+                row["details"] = f"expires in {format_duration(gpu.time('expiry_time') - now)}"
+            elif gpu.time("last_heartbeat"):
+                row["details"] = (
+                    f"heartbeat {format_duration(now - gpu.time('last_heartbeat'))} ago"
+                )
+        elif hw is not None and hw.in_use(threshold):
+            owners = sorted({p.owner or "unknown" for p in hw.processes}) or ["unknown"]
+            procs = ", ".join(p.label() for p in hw.processes)
+            row.update(
+                status="UNRESERVED",
+                user=", ".join(owners),
+                unreserved_users=owners,
+                details=f"{hw.used_mb}MB used" + (f" by {procs}" if procs else ""),
+            )
+        else:
+            released = gpu.time("last_released")
+            row.update(
+                status="AVAILABLE",
+                last_released=rfc3339(released),
+                details=f"free for {format_duration(now - released)}" if released else "never used",
+            )
+        if gpu.note:
+            row["note"] = gpu.note
+        row["validation"] = validation_text(row["status"], hw, usage)
+        rows.append({k: v for k, v in row.items() if v is not None})
+    return rows
+
+
+def validation_text(status, hw, usage):
+    if usage is None:
+        return "unavailable"
+    if hw is None:
+        return "not reported by the provider"
+    procs = len(hw.processes)
+    used = hw.used_mb
+    if status in ("IN_USE", "UNRESERVED") and procs:
+        memory = f"{used}MB, " if used is not None else ""
+        return f"{memory}{procs} process" + ("es" if procs != 1 else "")
+    if status == "IN_USE":
+        return "no usage detected"
+    return f"{used}MB used" if used is not None else "memory unknown"
+
+
+def cmd_status(app):
+    pool = app.pool()
+    snap = pool.snapshot()
+    if not snap.count:
+        pool.require()
+    provider = pool.provider(snap.provider, snap.count)
+    try:
+        usage = provider.usage()
+        inspect_processes(usage)
+    except ProviderError as e:
+        warn(f"cannot validate GPU usage: {e}")
+        usage = None
+    rows = status_rows(snap, usage, app.config["memory.threshold"], time.time())
+    if app.args.json:
+        say(json.dumps(rows, indent=2))
+        return 0
+    with_model = any("model" in r for r in rows)
+    header = ["GPU", "STATUS", "USER", "DURATION", "TYPE", "DETAILS", "VALIDATION"]
+    header += ["MODEL"] * with_model + ["NOTE"]
+    table = []
+    for r in rows:
+        line = [str(r["gpu_id"]), r["status"], r.get("user") and display_user(r) or "-"]
+        line += [
+            r.get("duration") or "-",
+            r.get("type") or "-",
+            r.get("details", ""),
+            r["validation"],
+        ]
+        if with_model:
+            line.append(r["model"]["model"] if "model" in r else "-")
+        line.append(r.get("note", ""))
+        table.append(line)
+    colour = use_colour(app.args)
+    for line in render_table(header, table):
+        if colour:
+            for word, code in STATUS_COLOURS.items():
+                line = re.sub(rf"(?<=^.{{{len(line) - len(line.lstrip())}}})\b{word}\b", word, line)
+                line = line.replace(f" {word} ", f" \x1b[{code}m{word}\x1b[0m ", 1)
+        say(line.rstrip())
+    return 0
+
+
+def display_user(row):
+    actual = row.get("actual_user")
+    return f"{actual} ({row['user']})" if actual and actual != row["user"] else row["user"]
+
+
+def render_table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for line in [header, *rows]:
+        yield "  ".join(str(x).ljust(w) for x, w in zip(line, widths))
+
+
+def request_from_args(app, kind):
+    """Build a Request from run/reserve's flags and the per-command config defaults."""
+    args, config = app.args, app.config
+    ids = args.gpu_ids
+    count = args.gpus if args.gpus is not None else config[f"{kind_key(kind)}.gpus"]
+    if ids:
+        if count not in (None, 1, len(ids)):
+            raise UsageError(
+                f"--gpus {count} does not match the {len(ids)} GPU(s) of --gpu-ids",
+                hint="give one of them, or the same number in both",
+            )
+        count = len(ids)
+    duration = getattr(args, "duration", None) or (
+        config["reserve.duration"] if kind == "manual" else None
+    )
+    if kind == "manual" and duration is None:
+        duration = 8 * 3600.0
+    return Request(
+        kind,
+        count or 1,
+        ids=ids,
+        duration=duration,
+        note=args.note,
+        user=args.user,
+        force=getattr(args, "force", False),
+    )
+
+
+def kind_key(kind):
+    return "reserve" if kind == "manual" else "run"
+
+
+def wait_options(app, kind):
+    """(block, wait seconds or None) from --nonblock / --wait and config."""
+    args = app.args
+    if args.nonblock:
+        return False, None
+    return True, args.wait if args.wait is not None else app.config[f"{kind_key(kind)}.wait"]
+
+
+class QueueLine:
+    """The live stderr line of a waiting request: only on a terminal."""
+
+    def __init__(self, req):
+        self.req = req
+        self.tty = sys.stderr.isatty()
+        self.shown = False
+
+    def __call__(self, reply, waited):
+        have, need = len(reply["have"]), reply["need"]
+        text = (
+            f"Waiting for {self.req.describe()}: position {reply['position']} in the queue"
+            + (f", {have}/{have + need} gathered" if have else "")
+            + f", waited {format_duration(waited)}"
+        )
+        try:
+            if self.tty:
+                sys.stderr.write("\r\x1b[K" + text)
+            elif not self.shown:
+                sys.stderr.write(text.split(", waited")[0] + "\n")
+            sys.stderr.flush()
+        except OSError:
+            pass
+        self.shown = True
+
+    def clear(self):
+        if self.tty and self.shown:
+            try:
+                sys.stderr.write("\r\x1b[K")
+                sys.stderr.flush()
+            except OSError:
+                pass
+
+
+def reserve_gpus(app, req):
+    """acquire() with the queue line and the --nonblock / --wait options."""
+    block, wait = wait_options(app, req.kind)
+    line = QueueLine(req)
+    try:
+        return acquire(app.pool(), req, block=block, wait=wait, progress=line)
+    finally:
+        line.clear()
+
+
+def cmd_reserve(app):
+    req = request_from_args(app, "manual")
+    gpus = reserve_gpus(app, req)
+    ids = ",".join(map(str, gpus))
+    if app.args.short:
+        say(ids)
+    else:
+        say(f"Reserved {len(gpus)} GPU(s): {gpus} for {format_duration(req.duration)}")
+        say(f"export CUDA_VISIBLE_DEVICES={ids}")
+    return 0
+
+
+def cmd_release(app):
+    pool = app.pool()
+    pool.require()
+    ids = app.args.gpu_ids
+    results = pool.release(ids=ids)
+    released = sorted(r["gpu"] for r in results if r["result"] == "released")
+    if released:
+        say(f"Released {len(released)} GPU(s): {released}")
+    elif not ids:
+        say("No manually reserved GPUs found for current user")
+    for r in results:
+        problem = {
+            "free": "is not reserved",
+            "other": f"is reserved by {r.get('user')}, not by you ({current_user()})",
+            "range": "is not in the pool",
+            "corrupt": "has an unreadable state in Redis (an admin can run `admin --force`)",
+        }.get(r["result"])
+        if problem:
+            print(f"GPU {r['gpu']} {problem}", file=sys.stderr)
+    return 1 if ids and not released else 0
+
+
+def usage_records(store, since):
+    """Completed reservations that ended after `since`: the sorted set, plus the
+    legacy per-record keys of old versions (read with SCAN, never KEYS)."""
+    import redis
+
+    try:
+        raws = store.redis.zrangebyscore(KEY + "usage_history_sorted", since, "+inf")
+        legacy = list(store.redis.scan_iter(match=KEY + "usage_history:*", count=1000))
+        if legacy:
+            raws += [raw for raw in store.redis.mget(legacy) if raw]
+    except redis.RedisError as e:
+        raise store.failure(e) from None
+    records = []
+    for raw in raws:
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def build_report(records, held, days, now):
+    """GPU hours per user over the window; in-progress reservations count from
+    their start; everything is clipped to the window."""
+    since = now - days * 86400
+    users = {}
+
+    def add(user, kind, start, end):
+        start, end = max(start or since, since), min(end or now, now)
+        if end < since or not user:
+            return
+        entry = users.setdefault(user, {"name": user, "seconds": 0.0, "run": 0, "manual": 0})
+        entry["seconds"] += max(0.0, end - start)
+        entry["manual" if kind == "manual" else "run"] += 1
+
+    for rec in records:
+        end = parse_time(rec.get("end_time"))
+        if end is not None and end >= since:
+            add(
+                rec.get("user"), rec.get("reservation_type"), parse_time(rec.get("start_time")), end
+            )
+    for gpu in held:
+        add(gpu.user, gpu.kind, gpu.time("start_time"), now)
+    total = sum(u["seconds"] for u in users.values())
+    out = []
+    for u in sorted(users.values(), key=lambda u: (-u["seconds"], u["name"])):
+        out.append(
+            {
+                "name": u["name"],
+                "gpu_hours": round(u["seconds"] / 3600, 4),
+                "percentage": round(100 * u["seconds"] / total, 2) if total else 0.0,
+                "run_count": u["run"],
+                "manual_count": u["manual"],
+            }
+        )
+    return {
+        "users": out,
+        "total_gpu_hours": round(total / 3600, 4),
+        "total_reservations": sum(u["run_count"] + u["manual_count"] for u in out),
+        "unique_users": len(out),
+        "start_date": rfc3339(since),
+        "end_date": rfc3339(now),
+        "days": days,
+    }
+
+
+def report_for(store, days, now=None):
+    now = time.time() if now is None else now
+    snap = Snapshot(store.script("snapshot", now=now))
+    held = [g for g in snap.gpus if g.held and not g.partial]
+    return build_report(usage_records(store, now - days * 86400), held, days, now)
+
+
+def cmd_report(app):
+    days = app.args.days or app.config["report.days"] or 30
+    report = report_for(app.store(), days)
+    if app.args.json:
+        say(json.dumps(report, indent=2))
+        return 0
+    say("=== GPU Reservation Report ===")
+    say(f"Period: {report['start_date'][:10]} to {report['end_date'][:10]} ({days} days)")
+    say()
+    rule = "-" * 75
+    say(f"{'User':<20} {'GPU Hours':>14} {'Percentage':>15} {'Run':>10} {'Manual':>10}")
+    say(rule)
+    for u in report["users"]:
+        say(
+            f"{u['name']:<20} {u['gpu_hours']:>14.2f} {u['percentage']:>14.1f}% "
+            f"{u['run_count']:>10} {u['manual_count']:>10}"
+        )
+    if not report["users"]:
+        say("(no reservations in this period)")
+    say(rule)
+    total_pct = 100.0 if report["users"] and report["total_gpu_hours"] else 0.0
+    runs = sum(u["run_count"] for u in report["users"])
+    manuals = sum(u["manual_count"] for u in report["users"])
+    say(
+        f"{'TOTAL':<20} {report['total_gpu_hours']:>14.2f} {total_pct:>14.1f}% "
+        f"{runs:>10} {manuals:>10}"
+    )
+    say()
+    say(f"Total reservations: {report['total_reservations']}")
+    say(f"Unique users: {report['unique_users']}")
+    return 0
+
+
+def queue_report(store, now=None):
+    """The queue in order, in the `queue --json` shape."""
+    now = time.time() if now is None else now
+    snap = Snapshot(store.script("snapshot", now=now))
+    entries = []
+    for pos, e in enumerate(snap.queue, 1):
+        enqueued = parse_time(e.get("enqueue_time"))
+        entries.append(
+            {
+                "position": pos,
+                "id": e.get("id"),
+                "user": e.get("user"),
+                "actual_user": e.get("actual_user") or e.get("user"),
+                "requested_count": e.get("requested_count"),
+                "requested_ids": e.get("requested_ids") or None,
+                "allocated_gpus": e.get("allocated_gpus") or [],
+                "reservation_type": e.get("reservation_type"),
+                "note": e.get("note"),
+                "enqueue_time": rfc3339(enqueued),
+                "waiting_seconds": round(now - enqueued) if enqueued else None,
+            }
+        )
+    oldest = max((e["waiting_seconds"] or 0 for e in entries), default=0)
+    return {"entries": entries, "total": len(entries), "oldest_wait_seconds": oldest}
+
+
+def cmd_queue(app):
+    report = queue_report(app.store())
+    if app.args.json:
+        say(json.dumps(report, indent=2))
+        return 0
+    if not report["total"]:
+        say("The queue is empty.")
+        return 0
+    rows = []
+    for e in report["entries"]:
+        wanted = e["requested_ids"]
+        requested = (
+            "GPUs " + ",".join(map(str, wanted)) if wanted else f"{e['requested_count']} GPU(s)"
+        )
+        rows.append(
+            [
+                str(e["position"]),
+                e["user"] or "?",
+                requested,
+                ",".join(map(str, e["allocated_gpus"])) or "-",
+                (e["reservation_type"] or "run").upper(),
+                format_duration(e["waiting_seconds"] or 0),
+            ]
+        )
+    header = ["POS", "USER", "REQUESTED", "GATHERED", "TYPE", "WAITING"]
+    for line in render_table(header, rows):
+        say(line.rstrip())
+    say(f"Total: {report['total']} waiting")
+    return 0
+
+
+# ============================================================================
+# Web
+# ============================================================================
+#
+# `web` serves the dashboard, a JSON API and Prometheus metrics.  (Built by the `web` issue.)
+
+
+# ============================================================================
+# Entry point
+# ============================================================================
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with our error format: `Error: ...` and a hint, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"Error: {message}\nTry '{self.prog} --help'.\n")
+
+
+def gpu_ids(text):
+    """'1,3' -> [1, 3]; duplicates, negatives and non-numbers are errors."""
+    ids = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not re.fullmatch(r"\d+", part):
+            raise argparse.ArgumentTypeError(f"expected GPU ids like 0,2,3, got {text!r}")
+        if int(part) in ids:
+            raise argparse.ArgumentTypeError(f"GPU {part} is listed twice in {text!r}")
+        ids.append(int(part))
+    return sorted(ids)
+
+
+def arg_type(kind, what):
+    def convert(text):
+        try:
+            return convert_setting(kind, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = what  # argparse names the type in its messages
+    return convert
+
+
+def examples(*lines):
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def add_global_options(parser, suppress):
+    """Global options, accepted before or after the command name."""
+    default = argparse.SUPPRESS if suppress else None
+    g = parser.add_argument_group("global options")
+    g.add_argument("--config", metavar="PATH", default=default, help="config file to read")
+    g.add_argument(
+        "--redis-url",
+        metavar="URL",
+        default=default,
+        type=arg_type("url", "URL"),
+        help="redis://[:password@]host:port/db, rediss://... or unix:///path",
+    )
+    g.add_argument("--redis-host", metavar="HOST", default=default, help="Redis host (localhost)")
+    g.add_argument(
+        "--redis-port",
+        metavar="N",
+        default=default,
+        type=arg_type("port", "port"),
+        help="Redis port (6379)",
+    )
+    g.add_argument(
+        "--redis-db",
+        metavar="N",
+        default=default,
+        type=arg_type("count0", "db"),
+        help="Redis database number (0)",
+    )
+    g.add_argument(
+        "--memory-threshold",
+        metavar="MB",
+        default=default,
+        type=arg_type("count0", "threshold"),
+        help="a GPU using more memory than this is in use (1024)",
+    )
+    g.add_argument("--debug", action="store_true", default=default, help=argparse.SUPPRESS)
+
+
+def add_request_options(p, kind):
+    p.add_argument(
+        "-g",
+        "--gpus",
+        type=arg_type("count", "count"),
+        metavar="N",
+        help="number of GPUs (default 1)",
+    )
+    p.add_argument("-G", "--gpu-ids", type=gpu_ids, metavar="IDS", help="specific GPUs, e.g. 1,3")
+    block = p.add_mutually_exclusive_group()
+    block.add_argument(
+        "--nonblock", action="store_true", help="fail at once instead of waiting in the queue"
+    )
+    block.add_argument(
+        "-w",
+        "--wait",
+        type=arg_type("duration", "duration"),
+        metavar="D",
+        help="wait in the queue at most D (e.g. 30m); default: as long as it takes",
+    )
+    p.add_argument("-n", "--note", metavar="TEXT", help="a note shown in status")
+    p.add_argument(
+        "-u",
+        "--user",
+        metavar="NAME",
+        help="display name for a shared account (ownership stays yours)",
+    )
+
+
+COMMANDS = {}
+
+
+def build_parser():
+    parser = Parser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Reserve GPUs on a shared machine, run commands on them, "
+        "and see who holds what.",
+        epilog=examples(
+            "canhazgpu admin --gpus 8            # once, as the admin",
+            "canhazgpu status                    # who holds what",
+            "canhazgpu run --gpus 2 -- python train.py",
+            "canhazgpu reserve --gpus 1 --duration 4h",
+            "canhazgpu release",
+            "canhazgpu report --days 7",
+        )
+        + "\n\nEach command has its own --help.  Configuration: CANHAZGPU_* variables,\n"
+        "~/.canhazgpu.{yaml,json,toml}, /etc/canhazgpu/config.{toml,json,yaml}.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def command(name, func, help, epilog):
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_global_options(p, suppress=True)
+        COMMANDS[name] = func
+        return p
+
+    p = command(
+        "admin",
+        cmd_admin,
+        "initialise the GPU pool of this machine",
+        examples(
+            "canhazgpu admin --gpus 8",
+            "canhazgpu admin --gpus 4 --force   # ends every reservation",
+            "canhazgpu admin --gpus 4 --provider fake   # a machine without GPUs",
+        ),
+    )
+    p.add_argument(
+        "-g",
+        "--gpus",
+        type=arg_type("count", "count"),
+        required=True,
+        metavar="N",
+        help="number of GPUs in the pool",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="re-initialise an existing pool, ending every reservation",
+    )
+    p.add_argument(
+        "-p", "--provider", choices=PROVIDERS, help="how GPU usage is validated (default: detected)"
+    )
+
+    p = command(
+        "status",
+        cmd_status,
+        "show who holds which GPU, and who uses one unreserved",
+        examples("canhazgpu status", "canhazgpu status --json | jq '.[] | .status'"),
+    )
+    p.add_argument("-j", "--json", action="store_true", help="print JSON")
+    p.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1)")
+
+    p = command(
+        "run",
+        None,
+        "reserve GPUs, run a command on them, release them when it ends",
+        examples(
+            "canhazgpu run --gpus 2 -- python train.py",
+            "canhazgpu run --gpu-ids 1,3 --timeout 2h -- ./train.sh",
+            "canhazgpu run --nonblock -- python eval.py   # fail if none is free",
+        ),
+    )
+    add_request_options(p, "run")
+    p.add_argument(
+        "-t",
+        "--timeout",
+        type=arg_type("duration", "duration"),
+        metavar="D",
+        help="stop the command after D (e.g. 2h); exit 124",
+    )
+    p.add_argument(
+        "--signal",
+        type=arg_type("signal", "signal"),
+        metavar="SIG",
+        help="signal sent at the timeout (default INT)",
+    )
+    p.add_argument(
+        "--kill-after",
+        type=arg_type("duration", "duration"),
+        metavar="D",
+        help="SIGKILL this long after the timeout signal (default 30s)",
+    )
+
+    p = command(
+        "reserve",
+        cmd_reserve,
+        "reserve GPUs for interactive work",
+        examples(
+            "canhazgpu reserve                         # 1 GPU for 8h",
+            "canhazgpu reserve --gpus 2 --duration 4h --note 'notebook'",
+            "export CUDA_VISIBLE_DEVICES=$(canhazgpu reserve --short)",
+            "canhazgpu reserve --gpu-ids 3 --force   # adopt work already running on GPU 3",
+        ),
+    )
+    add_request_options(p, "reserve")
+    p.add_argument(
+        "-d",
+        "--duration",
+        type=arg_type("duration", "duration"),
+        metavar="D",
+        help="how long (default 8h; 30m, 0.5h, 2d, 1h30m)",
+    )
+    p.add_argument(
+        "-f", "--force", action="store_true", help="also take GPUs in use without a reservation"
+    )
+    p.add_argument("-s", "--short", action="store_true", help="print only the ids, e.g. 1,3")
+
+    p = command(
+        "release",
+        cmd_release,
+        "release your reservations",
+        examples(
+            "canhazgpu release              # all your manual reservations",
+            "canhazgpu release --gpu-ids 1,3",
+        ),
+    )
+    p.add_argument(
+        "-G",
+        "--gpu-ids",
+        type=gpu_ids,
+        metavar="IDS",
+        help="release these GPUs (yours, run or manual)",
+    )
+
+    p = command(
+        "report",
+        cmd_report,
+        "GPU hours per user",
+        examples("canhazgpu report", "canhazgpu report --days 7 --json"),
+    )
+    p.add_argument(
+        "-d",
+        "--days",
+        type=arg_type("days", "days"),
+        metavar="N",
+        help="days to cover, 1-90 (default 30)",
+    )
+    p.add_argument("-j", "--json", action="store_true", help="print JSON")
+
+    p = command(
+        "queue",
+        cmd_queue,
+        "show who is waiting for GPUs, in order",
+        examples("canhazgpu queue", "canhazgpu queue --json"),
+    )
+    p.add_argument("-j", "--json", action="store_true", help="print JSON")
+
+    p = command(
+        "web",
+        None,
+        "serve the dashboard, a JSON API and Prometheus metrics",
+        examples("canhazgpu web --port 8080", "canhazgpu web --demo   # sample data, no Redis"),
+    )
+    p.add_argument("--host", metavar="HOST", help="address to listen on (default 0.0.0.0)")
+    p.add_argument(
+        "-p", "--port", type=arg_type("port", "port"), metavar="N", help="port (default 8080)"
+    )
+    p.add_argument("--demo", action="store_true", help="serve sample data without Redis")
+    return parser
+
+
+class App:
+    """One invocation: its arguments, its configuration, and lazily its Redis."""
+
+    NEEDS_PROVIDER = ("status", "run", "reserve")
+
+    def __init__(self, args):
+        self.args = args
+        self.config = Config.load(args.config)
+        for flag, key in (
+            ("redis_url", "redis.url"),
+            ("redis_host", "redis.host"),
+            ("redis_port", "redis.port"),
+            ("redis_db", "redis.db"),
+            ("memory_threshold", "memory.threshold"),
+        ):
+            if getattr(args, flag, None) is not None:
+                self.config.values[key] = getattr(args, flag)
+        if args.redis_host is not None or args.redis_port is not None:
+            if args.redis_url is None:
+                self.config.values["redis.url"] = None  # explicit host/port beat a configured URL
+        self._store = self._pool = None
+        self._early = None
+        if args.command in self.NEEDS_PROVIDER:
+            # Guess the provider and start its queries now, before Redis is even
+            # imported: most of nvidia-smi's latency hides behind our start-up.
+            guess = next((p for p in (NvidiaProvider, AmdProvider) if p.installed()), None)
+            if guess is not None:
+                self._early = guess()
+                self._early.start()
+
+    def store(self):
+        if self._store is None:
+            self._store = Store(self.config)
+        return self._store
+
+    def pool(self):
+        if self._pool is None:
+            self._pool = Pool(self.store(), self.config, self._early)
+        return self._pool
+
+    def close(self):
+        if self._pool is not None and self._pool._provider is not None:
+            self._pool._provider.discard()
+        elif self._early is not None:
+            self._early.discard()
+
+
+def split_command(argv):
+    """`run [options] -- CMD...` -> (options, CMD); CMD is None without `--`."""
+    if "--" in argv:
+        k = argv.index("--")
+        return argv[:k], argv[k + 1 :]
+    return argv, None
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    options, command = split_command(argv)
+    args = parser.parse_args(options)
+    args.argv = command
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command != "run" and command is not None:
+        parser.error(f"unexpected arguments after --: {' '.join(command)}")
+    app = None
+    try:
+        app = App(args)
+        return COMMANDS[args.command](app)
+    except CanhazError as e:
+        report_error(e, args)
+        code = e.code
+        return 125 if args.command == "run" and code == 1 else code
+    except Interrupted as e:
+        if app is not None:
+            app.close()
+        die_of_signal(e.signum)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if app is not None:
+            app.close()
+
+
+def report_error(error, args):
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exc()
+    try:
+        sys.stderr.write(f"Error: {error}\n")
+        if error.hint:
+            sys.stderr.write(f"Hint: {error.hint}\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
