@@ -1,7 +1,7 @@
 # canhazgpu: `make demo` to try it, `make test` to check it.
 PYTHON ?= python3
 # Python modules the tests need (each is also its pip name).
-PY_DEPS := redis psutil fakeredis pytest hypothesis ruff
+PY_DEPS := redis psutil fakeredis lupa pytest hypothesis ruff
 
 .PHONY: all deps test lint format demo clean
 
