@@ -4,11 +4,12 @@ PYTHON ?= python3
 PY_DEPS := redis psutil fakeredis lupa pytest hypothesis ruff
 
 .PHONY: all deps test lint format demo clean
+.PHONY: shell-deps packaging-deps install uninstall man
 
 all: test
 
 # Idempotent: installs only what is missing, so a second run takes a fraction of a second.
-deps:
+deps: shell-deps packaging-deps
 	@if ! command -v redis-server >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "Installing redis-server (apt-get)"; \
@@ -51,3 +52,80 @@ demo: deps
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# --------------------------------------------------------------------------- shells, packaging
+# The completion tests drive bash (with Debian's bash-completion), zsh and fish; the install
+# tests run the copied file with the distribution's /usr/bin/python3 and its python3-redis
+# and python3-psutil (the oldest redis-py we support) and check the man page with groff.
+shell-deps:
+	@missing=""; \
+	[ -f /usr/share/bash-completion/bash_completion ] || missing="$$missing bash-completion"; \
+	command -v zsh >/dev/null 2>&1 || missing="$$missing zsh"; \
+	command -v fish >/dev/null 2>&1 || missing="$$missing fish"; \
+	command -v groff >/dev/null 2>&1 || missing="$$missing groff-base"; \
+	for pkg in python3-redis python3-psutil; do \
+	  dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing$$missing (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get -o DPkg::Lock::Timeout=300 install -y -qq $$missing; \
+	  else \
+	    echo "missing:$$missing; install them (e.g. sudo apt-get install$$missing) and re-run" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+# `setup.py bdist_wheel` needs the wheel package (setuptools < 70.1 has no bdist_wheel).  This
+# runs before deps installs pip: without pip, the distribution's packages do (as root).
+packaging-deps:
+	@if ! $(PYTHON) -c 'import setuptools, wheel' 2>/dev/null; then \
+	  if $(PYTHON) -m pip --version >/dev/null 2>&1; then \
+	    echo "Installing Python packages: setuptools wheel"; \
+	    $(PYTHON) -m pip install -q setuptools wheel 2>/dev/null \
+	      || $(PYTHON) -m pip install -q --break-system-packages setuptools wheel; \
+	  elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing python3-setuptools python3-wheel (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get -o DPkg::Lock::Timeout=300 install -y -qq python3-setuptools python3-wheel; \
+	  else \
+	    echo "setuptools and wheel are missing for $(PYTHON): install them and re-run" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+# `make install` (PREFIX=/usr/local, DESTDIR for staging): the program, its short name, the
+# completions where bash-completion, zsh and fish look for them, and the man page.  The
+# script runs with INSTALL_PYTHON, by default the distribution's python3 (whose
+# python3-redis and python3-psutil it uses), so that an activated conda or virtual
+# environment without redis does not break it.
+PREFIX ?= /usr/local
+INSTALL_PYTHON ?= $(if $(wildcard /usr/bin/python3),/usr/bin/python3,/usr/bin/env python3)
+BINDIR = $(DESTDIR)$(PREFIX)/bin
+BASHCOMPDIR = $(DESTDIR)$(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR = $(DESTDIR)$(PREFIX)/share/zsh/site-functions
+FISHCOMPDIR = $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+MAN1DIR = $(DESTDIR)$(PREFIX)/share/man/man1
+
+install:
+	install -d $(BINDIR) $(BASHCOMPDIR) $(ZSHCOMPDIR) $(FISHCOMPDIR) $(MAN1DIR)
+	sed '1s|^#!.*|#!$(INSTALL_PYTHON)|' canhazgpu.py > $(BINDIR)/canhazgpu.tmp
+	chmod 755 $(BINDIR)/canhazgpu.tmp && mv -f $(BINDIR)/canhazgpu.tmp $(BINDIR)/canhazgpu
+	ln -sf canhazgpu $(BINDIR)/chg
+	install -m 644 completions/canhazgpu.bash $(BASHCOMPDIR)/canhazgpu
+	ln -sf canhazgpu $(BASHCOMPDIR)/chg
+	install -m 644 completions/_canhazgpu $(ZSHCOMPDIR)/_canhazgpu
+	install -m 644 completions/canhazgpu.fish $(FISHCOMPDIR)/canhazgpu.fish
+	ln -sf canhazgpu.fish $(FISHCOMPDIR)/chg.fish
+	install -m 644 canhazgpu.1 $(MAN1DIR)/canhazgpu.1
+	ln -sf canhazgpu.1 $(MAN1DIR)/chg.1
+
+uninstall:
+	rm -f $(BINDIR)/canhazgpu $(BINDIR)/chg $(BASHCOMPDIR)/canhazgpu $(BASHCOMPDIR)/chg \
+	  $(ZSHCOMPDIR)/_canhazgpu $(FISHCOMPDIR)/canhazgpu.fish $(FISHCOMPDIR)/chg.fish \
+	  $(MAN1DIR)/canhazgpu.1 $(MAN1DIR)/chg.1
+
+# The man page is generated from the argparse parser; a test fails when it is out of date.
+man:
+	$(PYTHON) tools/gen_man.py > canhazgpu.1.tmp && mv canhazgpu.1.tmp canhazgpu.1

@@ -30,6 +30,18 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     py_modules=["canhazgpu"],
+    # Completions and the man page, under the install prefix where the shells and man look
+    # (chg.* are links to canhazgpu.*: bash-completion and fish load a file named after the
+    # command).
+    data_files=[
+        (
+            "share/bash-completion/completions",
+            ["completions/canhazgpu.bash", "completions/chg.bash"],
+        ),
+        ("share/zsh/site-functions", ["completions/_canhazgpu"]),
+        ("share/fish/vendor_completions.d", ["completions/canhazgpu.fish", "completions/chg.fish"]),
+        ("share/man/man1", ["canhazgpu.1"]),
+    ],
     python_requires=">=3.9",
     install_requires=["redis>=4.3", "psutil>=5.9"],
     extras_require={"test": ["pytest", "fakeredis", "hypothesis", "ruff"]},

@@ -1,0 +1,1 @@
+canhazgpu.bash
