@@ -827,6 +827,19 @@ return queued(#Q, have, still)
 """
 
 
+def require_module(name, debian_package):
+    """Import a runtime dependency, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise CanhazError(
+            f"the Python package '{name}' is not installed for {sys.executable}",
+            hint=f"install it: apt-get install {debian_package}, or pip install {name}",
+        ) from None
+
+
 def redacted(url):
     """A Redis URL as it may be shown: never with its password."""
     return re.sub(r"(?<=://)([^:@/]*):[^@/]*@", lambda m: m.group(1) + ":***@", url)
@@ -854,7 +867,7 @@ class Store:
         self._scripts = {}
 
     def _connect(self):
-        import redis
+        redis = require_module("redis", "python3-redis")
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
@@ -1216,7 +1229,7 @@ def model_info(model):
 
 def inspect_processes(usages):
     """Fill in each GPU process's owner and model (from it or up to 3 parents)."""
-    import psutil
+    psutil = require_module("psutil", "python3-psutil")
 
     for gpu in usages.values():
         for proc in gpu.processes:
