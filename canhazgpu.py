@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -91,7 +92,9 @@ SYSTEM_CONFIGS = (
 def convert_setting(kind, value):
     """Convert a raw setting (from a file, the environment or a flag) or raise ValueError."""
     if kind == "duration":
-        return parse_duration(value) if isinstance(value, str) else positive_number(value)
+        if not isinstance(value, str):  # a bare number in a file has no unit
+            raise ValueError(f"expected a duration like 30s, 15m, 2h or 1d, got {value!r}")
+        return parse_duration(value)
     if kind == "signal":
         return parse_signal(str(value))
     if kind in ("str", "url"):
@@ -116,12 +119,6 @@ def parse_int(text):
     if not re.fullmatch(r"\s*\d+\s*", text):
         raise ValueError(f"expected a whole number, got {text!r}")
     return int(text)
-
-
-def positive_number(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"expected a duration like 30s, 15m, 2h or 1d, got {value!r}")
-    return float(value)
 
 
 def parse_signal(text):
@@ -289,11 +286,12 @@ def parse_time(value):
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        return float(value) if math.isfinite(value) else None
     if not isinstance(value, str) or not value.strip():
         return None
     try:
-        return float(value)
+        number = float(value)
+        return number if math.isfinite(number) else None
     except ValueError:
         pass
     m = RFC3339.fullmatch(value.strip())
@@ -302,7 +300,10 @@ def parse_time(value):
     import calendar
 
     y, mo, d, h, mi, s, frac, offset = m.groups()
-    t = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(s), 0, 0, 0))
+    try:
+        t = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(s), 0, 0, 0))
+    except ValueError:  # month 13 and the like
+        return None
     t += float(frac) if frac else 0.0
     if offset and offset not in "Zz":
         sign = -1 if offset[0] == "+" else 1
@@ -364,8 +365,9 @@ local function enc(v, key)
   return cjson.encode(v)
 end
 
+-- A JSON object, or nil (cjson reads '[1]' as a table too: not a state).
 local function decode(raw)
-  if not raw then return nil end
+  if not raw or not string.match(raw, '^%s*{') then return nil end
   local ok, v = pcall(cjson.decode, raw)
   if ok and type(v) == 'table' then return v end
   return nil
@@ -411,13 +413,16 @@ local S, RAW = {}, {}
 local FREED = false
 
 local function load_pool()
-  if N <= 0 then return end
-  local keys = {}
-  for i = 0, N - 1 do keys[#keys + 1] = P .. 'gpu:' .. i end
-  local raws = redis.call('MGET', unpack(keys))
-  for i = 0, N - 1 do
-    RAW[i] = raws[i + 1]
-    if RAW[i] then S[i] = decode(RAW[i]) or false else S[i] = {} end
+  -- MGET in chunks: unpack() of more than ~8000 values fails in Redis's Lua.
+  for first = 0, N - 1, 1000 do
+    local last = math.min(N, first + 1000) - 1
+    local keys = {}
+    for i = first, last do keys[#keys + 1] = P .. 'gpu:' .. i end
+    local raws = redis.call('MGET', unpack(keys))
+    for i = first, last do
+      RAW[i] = raws[i - first + 1]
+      if RAW[i] then S[i] = decode(RAW[i]) or false else S[i] = {} end
+    end
   end
 end
 
@@ -548,7 +553,7 @@ local function release(i)
   elseif not held(st) then
     results[#results + 1] = {gpu = i, result = 'free'}
   elseif owner(st) ~= A.actual_user then
-    results[#results + 1] = {gpu = i, result = 'other', user = st.user}
+    results[#results + 1] = {gpu = i, result = 'other', user = st.user, actual_user = owner(st)}
   else
     free(i)
     results[#results + 1] = {gpu = i, result = 'released', type = st.type}
@@ -828,8 +833,10 @@ return queued(#Q, have, still)
 
 
 def redacted(url):
-    """A Redis URL as it may be shown: never with its password."""
-    return re.sub(r"(?<=://)([^:@/]*):[^@/]*@", lambda m: m.group(1) + ":***@", url)
+    """A Redis URL as it may be shown: never with its password (which may hold '@',
+    and may also come as a ?password= query argument)."""
+    url = re.sub(r"(?<=://)([^:@/]*):[^/]*@", lambda m: m.group(1) + ":***@", url)
+    return re.sub(r"(?<=[?&]password=)[^&#]*", "***", url, flags=re.I)
 
 
 class Store:
@@ -859,12 +866,13 @@ class Store:
         from redis.retry import Retry
 
         try:
-            # No silent retries with back-off: a dead Redis is one clear line, at once.
+            # No silent retries with back-off: a dead Redis is one clear line, at once;
+            # a frozen one (accepts, never answers) within a few seconds.
             return redis.Redis.from_url(
                 self.url,
                 decode_responses=True,
                 socket_connect_timeout=3,
-                socket_timeout=10,
+                socket_timeout=3,
                 retry=Retry(NoBackoff(), 0),
             )
         except ValueError as e:
@@ -1247,7 +1255,7 @@ class Reservation:
     def __init__(self, gpu, raw):
         self.gpu, self.raw, self.error = gpu, raw, None
         try:
-            self.data = json.loads(raw) if raw else {}
+            self.data = json.loads(raw) if raw is not None else {}  # '' is not free
         except ValueError:
             self.data = None
         if not isinstance(self.data, dict):
@@ -1612,9 +1620,8 @@ def use_colour(args, stream=sys.stdout):
 def cmd_admin(app):
     args = app.args
     name = args.provider or detect_provider()
-    real = Provider.create(name).detect_count()
-    if real is not None and real != args.gpus:
-        warn(f"{Provider.create(name).tool} reports {real} GPU(s); the pool will have {args.gpus}")
+    provider = Provider.create(name)
+    real = provider.detect_count()
     reply = app.store().script("admin", count=args.gpus, provider=name, force=args.force)
     if reply["status"] == "exists":
         raise CanhazError(
@@ -1622,9 +1629,11 @@ def cmd_admin(app):
             f"(provider {reply.get('provider') or 'nvidia'})",
             hint="add --force to re-initialise it; that ends every reservation",
         )
+    if real is not None and real != args.gpus:  # only once the pool has that count
+        warn(f"{provider.tool} reports {real} GPU(s); the pool has {args.gpus}")
     verb = "Re-initialised" if reply.get("old") is not None else "Initialised"
     say(f"{verb} the GPU pool: {args.gpus} GPU(s), provider {name}")
-    if reply["ended"]:
+    if reply.get("old") is not None:
         say(f"Ended {reply['ended']} reservation(s)")
     return 0
 
@@ -1669,7 +1678,7 @@ def status_rows(snap, usage, threshold, now):
                 user=gpu.user,
                 actual_user=gpu.owner,
                 type=gpu.kind.upper(),
-                duration_seconds=round(now - start) if start else None,
+                duration_seconds=max(0, int(now - start)) if start else None,  # as shown
                 duration=format_duration(now - start) if start else "",
                 last_heartbeat=rfc3339(gpu.time("last_heartbeat")),
                 expiry_time=rfc3339(gpu.time("expiry_time")),
@@ -1756,7 +1765,6 @@ def cmd_status(app):
     for line in render_table(header, table):
         if colour:
             for word, code in STATUS_COLOURS.items():
-                line = re.sub(rf"(?<=^.{{{len(line) - len(line.lstrip())}}})\b{word}\b", word, line)
                 line = line.replace(f" {word} ", f" \x1b[{code}m{word}\x1b[0m ", 1)
         say(line.rstrip())
     return 0
@@ -1880,12 +1888,14 @@ def cmd_release(app):
     elif not ids:
         say("No manually reserved GPUs found for current user")
     for r in results:
-        problem = {
-            "free": "is not reserved",
-            "other": f"is reserved by {r.get('user')}, not by you ({current_user()})",
-            "range": "is not in the pool",
-            "corrupt": "has an unreadable state in Redis (an admin can run `admin --force`)",
-        }.get(r["result"])
+        if r["result"] == "other":
+            problem = f"is reserved by {display_user(r)}, not by you ({current_user()})"
+        else:
+            problem = {
+                "free": "is not reserved",
+                "range": "is not in the pool",
+                "corrupt": "has an unreadable state in Redis (an admin can run `admin --force`)",
+            }.get(r["result"])
         if problem:
             print(f"GPU {r['gpu']} {problem}", file=sys.stderr)
     return 1 if ids and not released else 0
