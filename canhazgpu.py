@@ -243,6 +243,8 @@ def current_user():
 
 DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([smhd])", re.I)
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Go clients keep durations as int64 nanoseconds (a queue entry's expiry_duration).
+MAX_DURATION = (2**63 - 1) / 1e9
 RFC3339 = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?\s*([Zz]|[+-]\d\d:?\d\d)?"
 )
@@ -257,6 +259,8 @@ def parse_duration(text):
     seconds = sum(float(n) * UNIT_SECONDS[u.lower()] for n, u in parts)
     if seconds <= 0:
         raise ValueError(f"a duration must be longer than zero, got {text!r}")
+    if not seconds <= MAX_DURATION:
+        raise ValueError(f"a duration must be at most {int(MAX_DURATION // 86400)}d, got {text!r}")
     return seconds
 
 
@@ -316,7 +320,10 @@ def rfc3339(t):
     """Unix seconds -> '2026-11-23T10:00:00Z', for JSON output."""
     if t is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    except (OverflowError, OSError, ValueError):  # a far-off time someone wrote to Redis
+        return None
 
 
 # ============================================================================
@@ -994,7 +1001,13 @@ class Provider:
 
     @staticmethod
     def create(name, count=None):
-        return {"nvidia": NvidiaProvider, "amd": AmdProvider, "fake": FakeProvider}[name](count)
+        kinds = {"nvidia": NvidiaProvider, "amd": AmdProvider, "fake": FakeProvider}
+        if name not in kinds:
+            raise CanhazError(
+                f"unknown GPU provider {name!r} in Redis",
+                hint="`canhazgpu admin --force --provider nvidia|amd|fake` sets it",
+            )
+        return kinds[name](count)
 
     @classmethod
     def installed(cls):
@@ -1275,7 +1288,8 @@ class Reservation:
 
     @property
     def kind(self):
-        return self.data.get("type") or "run"
+        kind = self.data.get("type")
+        return kind if isinstance(kind, str) and kind else "run"
 
     @property
     def partial(self):
@@ -1932,7 +1946,7 @@ def build_report(records, held, days, now):
 
     def add(user, kind, start, end):
         start, end = max(start or since, since), min(end or now, now)
-        if end < since or not user:
+        if end < since or not isinstance(user, str) or not user:
             return
         entry = users.setdefault(user, {"name": user, "seconds": 0.0, "run": 0, "manual": 0})
         entry["seconds"] += max(0.0, end - start)

@@ -186,6 +186,14 @@ def test_parse_duration_rejects(text):
         chg.parse_duration(text)
 
 
+def test_parse_duration_bounds():
+    """Go keeps durations as int64 nanoseconds: anything longer cannot be shared."""
+    assert chg.parse_duration("106751d") == 106751 * 86400
+    for text in ("106752d", "9" * 400 + "d", "1" + "0" * 300 + "s"):
+        with pytest.raises(ValueError):
+            chg.parse_duration(text)
+
+
 @pytest.mark.parametrize(
     "seconds, text",
     [
@@ -262,6 +270,16 @@ def test_rfc3339():
     assert chg.rfc3339(T + 0.9) == "2023-11-14T22:13:20Z"
     assert chg.rfc3339(None) is None
     assert chg.parse_time(chg.rfc3339(T)) == T
+
+
+def test_far_off_times_do_not_break_readers(store, fake):
+    """A reader must survive any number another writer left in Redis."""
+    assert chg.rfc3339(1e300) is None and chg.rfc3339(float("inf")) is None
+    init_pool(store, 1)
+    put(fake, 0, {"user": "bob", "type": "manual", "start_time": 1e300, "expiry_time": 1e300})
+    rows = chg.status_rows(chg.Snapshot(store.script("snapshot")), None, 1024, time.time())
+    assert rows[0]["status"] == "IN_USE" and "expiry_time" not in rows[0]
+    json.dumps(rows)
 
 
 def test_lua_reads_every_time_form(store, fake):
@@ -615,6 +633,20 @@ def test_unparseable_state_is_error_and_never_allocated(store, fake, config, raw
     assert fake.get("canhazgpu:gpu:0") == raw  # left for an admin to look at
 
 
+def test_states_with_fields_of_the_wrong_type(store, fake):
+    init_pool(store, 4)
+    now = time.time()
+    put(fake, 0, {"user": "bob", "type": 5, "start_time": "soon", "last_heartbeat": now})
+    put(fake, 1, {"user": ["bob"], "type": "run"})  # not a user: free
+    put(fake, 2, {"user": "carol", "type": "manual", "expiry_time": {"t": 1}, "note": 7})
+    put(fake, 3, {"user": "dave", "actual_user": 9, "type": None, "last_heartbeat": [1]})
+    rows = chg.status_rows(chg.Snapshot(store.script("snapshot")), None, 1024, now)
+    assert [r["status"] for r in rows] == ["IN_USE", "AVAILABLE", "IN_USE", "IN_USE"]
+    assert rows[0]["type"] == "RUN" and rows[0]["duration"] == ""
+    assert rows[3]["type"] == "RUN"
+    json.dumps(rows)
+
+
 def test_heartbeat_preserves_unknown_fields(store, fake, config):
     init_pool(store, 2)
     now = time.time()
@@ -783,6 +815,21 @@ def test_report_arithmetic_clips_to_the_window():
     assert sum(u["percentage"] for u in rep["users"]) == pytest.approx(100, abs=0.05)
     assert rep["start_date"] == chg.rfc3339(since) and rep["end_date"] == chg.rfc3339(NOW)
     assert rep["days"] == 1
+
+
+def test_report_skips_malformed_records():
+    records = [
+        {"user": ["x"], "start_time": NOW - H, "end_time": NOW},
+        {"user": None, "start_time": NOW - H, "end_time": NOW},
+        {"user": "a", "start_time": NOW - H, "end_time": "garbage"},
+        {"user": "b", "start_time": NOW + H, "end_time": NOW - 1},  # ends before it starts
+        {"user": "c", "start_time": NOW - H, "end_time": NOW, "reservation_type": 3},
+    ]
+    rep = chg.build_report(records, [], 1, NOW)
+    assert [(u["name"], u["gpu_hours"], u["run_count"]) for u in rep["users"]] == [
+        ("c", 1.0, 1),
+        ("b", 0.0, 1),
+    ]
 
 
 def test_report_of_nothing():
@@ -1013,6 +1060,13 @@ def test_parse_amd_rejects_non_json():
 )
 def test_amd_megabytes(value, mb):
     assert chg.amd_megabytes(value) == mb
+
+
+def test_unknown_provider_is_a_clear_error():
+    with pytest.raises(chg.CanhazError) as e:
+        chg.Provider.create("intel", 8)
+    assert "intel" in str(e.value) and e.value.code == 1
+    assert isinstance(chg.Provider.create("amd", 2), chg.AmdProvider)
 
 
 def test_fake_provider_is_idle():

@@ -317,6 +317,11 @@ def test_status_on_amd(cli, r, fake_smi, fake_amd_smi, shape):
     assert "amd-smi failed" in p.stderr
 
 
+def test_status_with_an_unknown_provider_in_redis(cli, pool):
+    pool.set(KEY + "provider", "intel")
+    assert_one_error(cli("status"), 1, "unknown GPU provider 'intel'", "admin --force")
+
+
 @pytest.mark.slow
 def test_status_when_nvidia_smi_hangs(cli, pool, fake_smi):
     fake_smi.set(mode="hang")
@@ -346,6 +351,18 @@ def test_status_with_na_values(cli, pool, fake_smi):
     assert rows[2]["STATUS"] == "AVAILABLE" and rows[2]["VALIDATION"] != "unavailable"
     rows = json.loads(cli("status", "--json", check=True).stdout)
     assert rows[0]["memory_mb"] == 2048 and "memory_mb" not in rows[1]
+
+
+def test_status_into_a_closed_pipe(cli, r, fake_smi):
+    """`canhazgpu status | head -1` on a big pool: no traceback, no error."""
+    fake_smi.uninstall()
+    init_pool(r, 5000, provider="fake")
+    proc = cli.popen("status", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=30)
+    assert first.split()[:2] == [b"GPU", b"STATUS"]
+    assert proc.returncode == 0 and err == b""
 
 
 def run_in_pty(cli, *args, env=None, timeout=30):
@@ -743,6 +760,8 @@ BAD_INPUTS = [
     ["reserve", "--duration", "5"],
     ["reserve", "--duration", ""],
     ["reserve", "--duration", "1y"],
+    ["reserve", "--duration", "106752d"],
+    ["reserve", "--duration", "9" * 400 + "d"],
     ["reserve", "--wait", "1m", "--nonblock"],
     ["reserve", "--wait", "0s"],
     ["reserve", "extra"],
