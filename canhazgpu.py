@@ -889,6 +889,13 @@ class Store:
         """Turn a redis-py exception into one clear line."""
         import redis
 
+        # First: redis-py's AuthenticationError is a ConnectionError.
+        if isinstance(error, redis.AuthenticationError) or "NOAUTH" in str(error):
+            hint = "give the password in the URL: --redis-url redis://:PASSWORD@host:port/db"
+            if "***" not in self.address:
+                return CanhazError(f"Redis at {self.address} needs a password", hint=hint)
+            reason = str(error).split(", otherwise")[0].rstrip(".")
+            return CanhazError(f"Redis at {self.address} refused the password: {reason}", hint=hint)
         if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
             reason = str(error).split(". ")[-1].rstrip(".") or type(error).__name__
             return CanhazError(
@@ -896,8 +903,6 @@ class Store:
                 hint="start it with `redis-server`, or point canhazgpu at yours "
                 "with --redis-url or CANHAZGPU_REDIS_URL",
             )
-        if isinstance(error, redis.AuthenticationError) or "NOAUTH" in str(error):
-            return CanhazError(f"Redis at {self.address} refused the password: {error}")
         return CanhazError(f"Redis at {self.address} failed: {error}")
 
     def script(self, name, **args):

@@ -15,6 +15,15 @@ import canhazgpu as chg
 # --------------------------------------------------------------------------- fixtures
 
 
+def toml_reader():
+    """tomllib (3.11+) or tomli: what canhazgpu reads TOML files with."""
+    try:
+        import tomllib
+    except ImportError:
+        tomllib = pytest.importorskip("tomli")
+    return tomllib
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """An empty HOME, no system config files, no CANHAZGPU_* variables."""
@@ -1194,8 +1203,8 @@ def test_config_defaults(config):
 
 def test_config_precedence_flag_env_user_system_default(home, tmp_path, monkeypatch):
     system = write(
-        tmp_path / "etc" / "config.toml",
-        '[redis]\nport = 1111\nhost = "sys"\ndb = 1\n[memory]\nthreshold = 11\n',
+        tmp_path / "etc" / "config.json",
+        json.dumps({"redis": {"port": 1111, "host": "sys", "db": 1}, "memory": {"threshold": 11}}),
     )
     write(home / ".canhazgpu.json", json.dumps({"redis": {"port": 2222, "host": "usr"}}))
     environ = {"CANHAZGPU_REDIS_PORT": "3333"}
@@ -1226,6 +1235,7 @@ def test_empty_environment_values_are_ignored(config, home):
 
 def test_config_file_formats_yaml_toml_json_and_go_keys(home, tmp_path):
     pytest.importorskip("yaml")
+    toml_reader()
     write(
         home / ".canhazgpu.yaml",
         "redis-host: gohost\nredis-port: 6390\nmemory-threshold: 512\n"
@@ -1277,6 +1287,8 @@ def test_user_file_search_order(home):
 def test_bad_config_file_names_file_and_key(home, name, text, needles):
     if name.endswith(".yaml"):
         pytest.importorskip("yaml")
+    if name.endswith(".toml"):
+        toml_reader()
     path = write(home / name, text)
     with pytest.raises(chg.UsageError) as e:
         chg.Config.load(environ={})

@@ -675,7 +675,7 @@ def test_heartbeat_timeout_from_environment(cli, pool):
 
 def test_config_files(cli, pool, tmp_path):
     home = tmp_path / "home"
-    (home / ".canhazgpu.toml").write_text('[reserve]\nduration = "2h"\n')
+    (home / ".canhazgpu.json").write_text('{"reserve": {"duration": "2h"}}')
     assert "for 2h 0m 0s" in cli("reserve", check=True).stdout
     other = tmp_path / "other.json"
     other.write_text('{"reserve": {"duration": "45m"}}')
@@ -683,9 +683,9 @@ def test_config_files(cli, pool, tmp_path):
     assert "for 0h 45m 0s" in p.stdout
     p = cli("reserve", "--config", other, "--duration", "1h", check=True)
     assert "for 1h 0m 0s" in p.stdout
-    (home / ".canhazgpu.toml").write_text('[reserve]\nduration = "forever"\n')
+    (home / ".canhazgpu.json").write_text('{"reserve": {"duration": "forever"}}')
     p = cli("reserve")
-    assert_one_error(p, 2, str(home / ".canhazgpu.toml"), "reserve.duration")
+    assert_one_error(p, 2, str(home / ".canhazgpu.json"), "reserve.duration")
 
 
 def test_bad_environment_value(cli, pool):
@@ -719,6 +719,26 @@ def test_a_password_is_never_printed(cli):
         p = cli("status", "--redis-url", url)
         assert p.returncode in (1, 2) and p.stderr.startswith("Error: ")
         assert "s3cr3t" not in p.stderr + p.stdout
+
+
+def test_redis_that_needs_a_password(cli, redis_server, r):
+    r.config_set("requirepass", "hunter2")
+    try:
+        p = cli("status")
+        wrong = cli(
+            "status", env={"CANHAZGPU_REDIS_URL": f"redis://:nope@127.0.0.1:{redis_server.port}/0"}
+        )
+        right = cli(
+            "report",
+            "-j",
+            env={"CANHAZGPU_REDIS_URL": f"redis://:hunter2@127.0.0.1:{redis_server.port}/0"},
+        )
+    finally:
+        r.config_set("requirepass", "")
+    assert_one_error(p, 1, "needs a password", "redis://:PASSWORD@")
+    assert_one_error(wrong, 1, "refused the password", ":***@")
+    assert "nope" not in wrong.stderr
+    assert right.returncode == 0, right.stderr
 
 
 def test_redis_unreachable_by_host_and_port(cli):
