@@ -15,13 +15,12 @@ import canhazgpu as chg
 # --------------------------------------------------------------------------- fixtures
 
 
-def toml_reader():
-    """tomllib (3.11+) or tomli: what canhazgpu reads TOML files with."""
+def require_toml():
+    """Skip unless tomllib (3.11+) or tomli, what canhazgpu reads TOML with, is there."""
     try:
-        import tomllib
+        import tomllib  # noqa: F401
     except ImportError:
-        tomllib = pytest.importorskip("tomli")
-    return tomllib
+        pytest.importorskip("tomli")
 
 
 @pytest.fixture
@@ -91,10 +90,9 @@ def request(kind="run", count=1, ids=None, user="alice", display=None, force=Fal
     return req
 
 
-def allocate(pool, req, count=None):
-    """One non-blocking allocation step; returns the reply."""
-    n = count or pool.store.script("snapshot")[0]
-    return pool.allocate(req, "fake", n)
+def allocate(pool, req):
+    """One non-blocking allocation step on the fake provider; returns the reply."""
+    return pool.allocate(req, "fake", pool.store.script("snapshot")[0])
 
 
 def state(fake, gpu):
@@ -1235,7 +1233,7 @@ def test_empty_environment_values_are_ignored(config, home):
 
 def test_config_file_formats_yaml_toml_json_and_go_keys(home, tmp_path):
     pytest.importorskip("yaml")
-    toml_reader()
+    require_toml()
     write(
         home / ".canhazgpu.yaml",
         "redis-host: gohost\nredis-port: 6390\nmemory-threshold: 512\n"
@@ -1288,7 +1286,7 @@ def test_bad_config_file_names_file_and_key(home, name, text, needles):
     if name.endswith(".yaml"):
         pytest.importorskip("yaml")
     if name.endswith(".toml"):
-        toml_reader()
+        require_toml()
     path = write(home / name, text)
     with pytest.raises(chg.UsageError) as e:
         chg.Config.load(environ={})

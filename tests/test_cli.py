@@ -176,16 +176,30 @@ def test_status_table(cli, pool, fake_smi, spawn):
     )
     pool.set(KEY + "gpu:0", json.dumps({"last_released": now - 1815}))
     hold(pool, 1, user="alice", kind="run", age=3725, last_heartbeat=now - 5)
-    hold(pool, 2, user="bob", kind="manual", age=60, expiry_time=now + 3 * 3600 + 945,
-         note="fine-tuning")  # fmt: skip
+    hold(
+        pool,
+        2,
+        user="bob",
+        kind="manual",
+        age=60,
+        expiry_time=now + 3 * 3600 + 945,
+        note="fine-tuning",
+    )
     pool.set(KEY + "gpu:5", "{broken")
     p = cli("status", check=True)
     names, rows = parse_table(p.stdout)
     assert names == STATUS_COLUMNS
     assert [row["GPU"] for row in rows] == [str(i) for i in range(8)]
     assert [row["STATUS"] for row in rows] == [
-        "AVAILABLE", "IN_USE", "IN_USE", "UNRESERVED", "AVAILABLE", "ERROR", "AVAILABLE",
-        "AVAILABLE"]  # fmt: skip
+        "AVAILABLE",
+        "IN_USE",
+        "IN_USE",
+        "UNRESERVED",
+        "AVAILABLE",
+        "ERROR",
+        "AVAILABLE",
+        "AVAILABLE",
+    ]
     free, run, manual, unreserved, never = rows[0], rows[1], rows[2], rows[3], rows[4]
     assert re.fullmatch(r"free for 0h 30m 1[5-9]s", free["DETAILS"])
     assert free["VALIDATION"] == "45MB used" and free["USER"] == "-"
@@ -243,8 +257,9 @@ def test_status_json(cli, pool, fake_smi, spawn):
 
 
 def test_status_model_column_only_when_a_model_is_detected(cli, pool, fake_smi, spawn):
-    server = spawn(sys.executable, "-c", "import time; time.sleep(60)",
-                   "--model", "meta-llama/Llama-3-8B")  # fmt: skip
+    server = spawn(
+        sys.executable, "-c", "import time; time.sleep(60)", "--model", "meta-llama/Llama-3-8B"
+    )
     fake_smi.set(
         gpus=[{}, {}, {"memory_used": "20000"}] + [{}] * 5,
         processes=[{"pid": server.pid, "name": "python3", "gpu": 2, "used_memory": "20000"}],
@@ -264,9 +279,12 @@ def test_status_model_column_only_when_a_model_is_detected(cli, pool, fake_smi, 
 
 @pytest.mark.parametrize(
     "mode, reason",
-    [("driver-failure", "NVIDIA-SMI has failed"), ("garbage", "unexpected line"),
-     ("no-devices", "No devices were found")],
-)  # fmt: skip
+    [
+        ("driver-failure", "NVIDIA-SMI has failed"),
+        ("garbage", "unexpected line"),
+        ("no-devices", "No devices were found"),
+    ],
+)
 def test_status_when_the_provider_fails(cli, pool, fake_smi, mode, reason):
     fake_smi.set(mode=mode)
     hold(pool, 1)
@@ -335,13 +353,17 @@ def test_status_when_nvidia_smi_hangs(cli, pool, fake_smi):
 
 def test_status_with_na_values(cli, pool, fake_smi):
     fake_smi.set(
-        gpus=[{"memory_used": "[N/A]"}, {"memory_used": "[N/A]", "memory_total": "[N/A]"},
-              {"memory_used": "[Insufficient Permissions]"}] + [{}] * 5,
+        gpus=[
+            {"memory_used": "[N/A]"},
+            {"memory_used": "[N/A]", "memory_total": "[N/A]"},
+            {"memory_used": "[Insufficient Permissions]"},
+        ]
+        + [{}] * 5,
         processes=[
             {"pid": 4194001, "name": "python3", "gpu": 0, "used_memory": "2048"},
             {"pid": 4194002, "name": "python3", "gpu": 2, "used_memory": "[N/A]"},
         ],
-    )  # fmt: skip
+    )
     hold(pool, 1)
     p = cli("status", check=True)
     _, rows = parse_table(p.stdout)
@@ -431,7 +453,9 @@ def test_reserve_defaults(cli, pool):
 def test_reserve_count_and_duration(cli, pool):
     p = cli("reserve", "--gpus", 2, "--duration", "1h30m", check=True)
     assert p.stdout.splitlines() == [
-        "Reserved 2 GPU(s): [0, 1] for 1h 30m 0s", "export CUDA_VISIBLE_DEVICES=0,1"]  # fmt: skip
+        "Reserved 2 GPU(s): [0, 1] for 1h 30m 0s",
+        "export CUDA_VISIBLE_DEVICES=0,1",
+    ]
     st = gpu_state(pool, 1)
     assert st["expiry_time"] - st["start_time"] == pytest.approx(5400)
     p = cli("reserve", "-g", 1, "-d", "0.5h", check=True)
@@ -441,7 +465,9 @@ def test_reserve_count_and_duration(cli, pool):
 def test_reserve_gpu_ids(cli, pool):
     p = cli("reserve", "--gpu-ids", "5,3", check=True)
     assert p.stdout.splitlines() == [
-        "Reserved 2 GPU(s): [3, 5] for 8h 0m 0s", "export CUDA_VISIBLE_DEVICES=3,5"]  # fmt: skip
+        "Reserved 2 GPU(s): [3, 5] for 8h 0m 0s",
+        "export CUDA_VISIBLE_DEVICES=3,5",
+    ]
     assert sorted(holders(pool)) == [3, 5]
     cli("reserve", "--gpus", 2, "-G", "0,7", check=True)  # the count matches the list
     cli("reserve", "--gpus", 1, "-G", "1,6", check=True)  # 1 is the default count
@@ -640,13 +666,31 @@ def test_config_from_environment_host_port_db(cli, redis_server, r):
 
 def test_flags_beat_the_environment(cli, redis_server, pool):
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    p = cli("status", "--json", "--redis-url", redis_server.url,
-            env={"CANHAZGPU_REDIS_URL": dead}, check=True)  # fmt: skip
+    p = cli(
+        "status",
+        "--json",
+        "--redis-url",
+        redis_server.url,
+        env={"CANHAZGPU_REDIS_URL": dead},
+        check=True,
+    )
     assert len(json.loads(p.stdout)) == 8
-    cli("--redis-port", redis_server.port, "--redis-host", "127.0.0.1", "status",
-        env={"CANHAZGPU_REDIS_URL": dead}, check=True)  # fmt: skip
-    cli("status", "--redis-url", redis_server.unix_url, env={"CANHAZGPU_REDIS_URL": dead},
-        check=True)  # fmt: skip
+    cli(
+        "--redis-port",
+        redis_server.port,
+        "--redis-host",
+        "127.0.0.1",
+        "status",
+        env={"CANHAZGPU_REDIS_URL": dead},
+        check=True,
+    )
+    cli(
+        "status",
+        "--redis-url",
+        redis_server.unix_url,
+        env={"CANHAZGPU_REDIS_URL": dead},
+        check=True,
+    )
 
 
 def test_memory_threshold_from_environment_and_flag(cli, pool, fake_smi):
@@ -700,9 +744,17 @@ def test_bad_environment_value(cli, pool):
 
 @pytest.mark.parametrize(
     "args",
-    [["status"], ["reserve", "--nonblock"], ["release"], ["report"], ["queue"],
-     ["admin", "--gpus", "2"], ["release", "-G", "1"], ["status", "--json"]],
-)  # fmt: skip
+    [
+        ["status"],
+        ["reserve", "--nonblock"],
+        ["release"],
+        ["report"],
+        ["queue"],
+        ["admin", "--gpus", "2"],
+        ["release", "-G", "1"],
+        ["status", "--json"],
+    ],
+)
 def test_redis_unreachable_is_one_line_and_fast(cli, args):
     port = free_port()
     url = f"redis://:s3cr3t-pw@127.0.0.1:{port}/0"
@@ -714,8 +766,11 @@ def test_redis_unreachable_is_one_line_and_fast(cli, args):
 
 
 def test_a_password_is_never_printed(cli):
-    for url in ("http://alice:s3cr3t-pw@127.0.0.1:1/0", "redis://:s3cr3t-pw@127.0.0.1:1/0",
-                "unix:///nonexistent/redis.sock?password=s3cr3t-pw"):  # fmt: skip
+    for url in (
+        "http://alice:s3cr3t-pw@127.0.0.1:1/0",
+        "redis://:s3cr3t-pw@127.0.0.1:1/0",
+        "unix:///nonexistent/redis.sock?password=s3cr3t-pw",
+    ):
         p = cli("status", "--redis-url", url)
         assert p.returncode in (1, 2) and p.stderr.startswith("Error: ")
         assert "s3cr3t" not in p.stderr + p.stdout
