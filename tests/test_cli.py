@@ -219,6 +219,17 @@ def test_status_table(cli, pool, fake_smi, spawn):
     assert rows[5]["DETAILS"].startswith("unparseable state")
     assert "MODEL" not in p.stdout and "\x1b[" not in p.stdout
     assert p.stderr == ""
+    # The two queries of SPEC section 8, once each.
+    assert sorted(fake_smi.calls()) == [
+        [
+            "--query-compute-apps=pid,process_name,gpu_uuid,used_memory",
+            "--format=csv,noheader,nounits",
+        ],
+        [
+            "--query-gpu=index,gpu_uuid,name,memory.used,memory.total",
+            "--format=csv,noheader,nounits",
+        ],
+    ]
 
 
 def test_status_json(cli, pool, fake_smi, spawn):
@@ -441,7 +452,7 @@ def test_status_colour_only_on_a_tty(cli, pool, fake_smi):
 
 
 def test_reserve_defaults(cli, pool):
-    p = cli("reserve", check=True)
+    p = cli("reserve", env={"USER": "mallory", "LOGNAME": "mallory"}, check=True)
     assert p.stdout == "Reserved 1 GPU(s): [0] for 8h 0m 0s\nexport CUDA_VISIBLE_DEVICES=0\n"
     st = gpu_state(pool, 0)
     assert st["type"] == "manual" and st["user"] == me() and st["actual_user"] == me()
