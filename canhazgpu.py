@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -91,7 +92,9 @@ SYSTEM_CONFIGS = (
 def convert_setting(kind, value):
     """Convert a raw setting (from a file, the environment or a flag) or raise ValueError."""
     if kind == "duration":
-        return parse_duration(value) if isinstance(value, str) else positive_number(value)
+        if not isinstance(value, str):  # a bare number in a file has no unit
+            raise ValueError(f"expected a duration like 30s, 15m, 2h or 1d, got {value!r}")
+        return parse_duration(value)
     if kind == "signal":
         return parse_signal(str(value))
     if kind in ("str", "url"):
@@ -116,12 +119,6 @@ def parse_int(text):
     if not re.fullmatch(r"\s*\d+\s*", text):
         raise ValueError(f"expected a whole number, got {text!r}")
     return int(text)
-
-
-def positive_number(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"expected a duration like 30s, 15m, 2h or 1d, got {value!r}")
-    return float(value)
 
 
 def parse_signal(text):
@@ -246,6 +243,8 @@ def current_user():
 
 DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([smhd])", re.I)
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Go clients keep durations as int64 nanoseconds (a queue entry's expiry_duration).
+MAX_DURATION = (2**63 - 1) / 1e9
 RFC3339 = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?\s*([Zz]|[+-]\d\d:?\d\d)?"
 )
@@ -260,6 +259,8 @@ def parse_duration(text):
     seconds = sum(float(n) * UNIT_SECONDS[u.lower()] for n, u in parts)
     if seconds <= 0:
         raise ValueError(f"a duration must be longer than zero, got {text!r}")
+    if not seconds <= MAX_DURATION:
+        raise ValueError(f"a duration must be at most {int(MAX_DURATION // 86400)}d, got {text!r}")
     return seconds
 
 
@@ -289,11 +290,12 @@ def parse_time(value):
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        return float(value) if math.isfinite(value) else None
     if not isinstance(value, str) or not value.strip():
         return None
     try:
-        return float(value)
+        number = float(value)
+        return number if math.isfinite(number) else None
     except ValueError:
         pass
     m = RFC3339.fullmatch(value.strip())
@@ -302,7 +304,10 @@ def parse_time(value):
     import calendar
 
     y, mo, d, h, mi, s, frac, offset = m.groups()
-    t = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(s), 0, 0, 0))
+    try:
+        t = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(s), 0, 0, 0))
+    except ValueError:  # month 13 and the like
+        return None
     t += float(frac) if frac else 0.0
     if offset and offset not in "Zz":
         sign = -1 if offset[0] == "+" else 1
@@ -315,7 +320,10 @@ def rfc3339(t):
     """Unix seconds -> '2026-11-23T10:00:00Z', for JSON output."""
     if t is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    except (OverflowError, OSError, ValueError):  # a far-off time someone wrote to Redis
+        return None
 
 
 # ============================================================================
@@ -364,8 +372,9 @@ local function enc(v, key)
   return cjson.encode(v)
 end
 
+-- A JSON object, or nil (cjson reads '[1]' as a table too: not a state).
 local function decode(raw)
-  if not raw then return nil end
+  if not raw or not string.match(raw, '^%s*{') then return nil end
   local ok, v = pcall(cjson.decode, raw)
   if ok and type(v) == 'table' then return v end
   return nil
@@ -411,13 +420,16 @@ local S, RAW = {}, {}
 local FREED = false
 
 local function load_pool()
-  if N <= 0 then return end
-  local keys = {}
-  for i = 0, N - 1 do keys[#keys + 1] = P .. 'gpu:' .. i end
-  local raws = redis.call('MGET', unpack(keys))
-  for i = 0, N - 1 do
-    RAW[i] = raws[i + 1]
-    if RAW[i] then S[i] = decode(RAW[i]) or false else S[i] = {} end
+  -- MGET in chunks: unpack() of more than ~8000 values fails in Redis's Lua.
+  for first = 0, N - 1, 1000 do
+    local last = math.min(N, first + 1000) - 1
+    local keys = {}
+    for i = first, last do keys[#keys + 1] = P .. 'gpu:' .. i end
+    local raws = redis.call('MGET', unpack(keys))
+    for i = first, last do
+      RAW[i] = raws[i - first + 1]
+      if RAW[i] then S[i] = decode(RAW[i]) or false else S[i] = {} end
+    end
   end
 end
 
@@ -548,7 +560,7 @@ local function release(i)
   elseif not held(st) then
     results[#results + 1] = {gpu = i, result = 'free'}
   elseif owner(st) ~= A.actual_user then
-    results[#results + 1] = {gpu = i, result = 'other', user = st.user}
+    results[#results + 1] = {gpu = i, result = 'other', user = st.user, actual_user = owner(st)}
   else
     free(i)
     results[#results + 1] = {gpu = i, result = 'released', type = st.type}
@@ -841,8 +853,10 @@ def require_module(name, debian_package):
 
 
 def redacted(url):
-    """A Redis URL as it may be shown: never with its password."""
-    return re.sub(r"(?<=://)([^:@/]*):[^@/]*@", lambda m: m.group(1) + ":***@", url)
+    """A Redis URL as it may be shown: never with its password (which may hold '@',
+    and may also come as a ?password= query argument)."""
+    url = re.sub(r"(?<=://)([^:@/]*):[^/]*@", lambda m: m.group(1) + ":***@", url)
+    return re.sub(r"(?<=[?&]password=)[^&#]*", "***", url, flags=re.I)
 
 
 class Store:
@@ -872,12 +886,13 @@ class Store:
         from redis.retry import Retry
 
         try:
-            # No silent retries with back-off: a dead Redis is one clear line, at once.
+            # No silent retries with back-off: a dead Redis is one clear line, at once;
+            # a frozen one (accepts, never answers) within a few seconds.
             return redis.Redis.from_url(
                 self.url,
                 decode_responses=True,
                 socket_connect_timeout=3,
-                socket_timeout=10,
+                socket_timeout=3,
                 retry=Retry(NoBackoff(), 0),
             )
         except ValueError as e:
@@ -887,6 +902,13 @@ class Store:
         """Turn a redis-py exception into one clear line."""
         import redis
 
+        # First: redis-py's AuthenticationError is a ConnectionError.
+        if isinstance(error, redis.AuthenticationError) or "NOAUTH" in str(error):
+            hint = "give the password in the URL: --redis-url redis://:PASSWORD@host:port/db"
+            if "***" not in self.address:
+                return CanhazError(f"Redis at {self.address} needs a password", hint=hint)
+            reason = str(error).split(", otherwise")[0].rstrip(".")
+            return CanhazError(f"Redis at {self.address} refused the password: {reason}", hint=hint)
         if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
             reason = str(error).split(". ")[-1].rstrip(".") or type(error).__name__
             return CanhazError(
@@ -894,8 +916,6 @@ class Store:
                 hint="start it with `redis-server`, or point canhazgpu at yours "
                 "with --redis-url or CANHAZGPU_REDIS_URL",
             )
-        if isinstance(error, redis.AuthenticationError) or "NOAUTH" in str(error):
-            return CanhazError(f"Redis at {self.address} refused the password: {error}")
         return CanhazError(f"Redis at {self.address} failed: {error}")
 
     def script(self, name, **args):
@@ -999,7 +1019,13 @@ class Provider:
 
     @staticmethod
     def create(name, count=None):
-        return {"nvidia": NvidiaProvider, "amd": AmdProvider, "fake": FakeProvider}[name](count)
+        kinds = {"nvidia": NvidiaProvider, "amd": AmdProvider, "fake": FakeProvider}
+        if name not in kinds:
+            raise CanhazError(
+                f"unknown GPU provider {name!r} in Redis",
+                hint="`canhazgpu admin --force --provider nvidia|amd|fake` sets it",
+            )
+        return kinds[name](count)
 
     @classmethod
     def installed(cls):
@@ -1260,7 +1286,7 @@ class Reservation:
     def __init__(self, gpu, raw):
         self.gpu, self.raw, self.error = gpu, raw, None
         try:
-            self.data = json.loads(raw) if raw else {}
+            self.data = json.loads(raw) if raw is not None else {}  # '' is not free
         except ValueError:
             self.data = None
         if not isinstance(self.data, dict):
@@ -1280,7 +1306,8 @@ class Reservation:
 
     @property
     def kind(self):
-        return self.data.get("type") or "run"
+        kind = self.data.get("type")
+        return kind if isinstance(kind, str) and kind else "run"
 
     @property
     def partial(self):
@@ -1625,9 +1652,8 @@ def use_colour(args, stream=sys.stdout):
 def cmd_admin(app):
     args = app.args
     name = args.provider or detect_provider()
-    real = Provider.create(name).detect_count()
-    if real is not None and real != args.gpus:
-        warn(f"{Provider.create(name).tool} reports {real} GPU(s); the pool will have {args.gpus}")
+    provider = Provider.create(name)
+    real = provider.detect_count()
     reply = app.store().script("admin", count=args.gpus, provider=name, force=args.force)
     if reply["status"] == "exists":
         raise CanhazError(
@@ -1635,9 +1661,11 @@ def cmd_admin(app):
             f"(provider {reply.get('provider') or 'nvidia'})",
             hint="add --force to re-initialise it; that ends every reservation",
         )
+    if real is not None and real != args.gpus:  # only once the pool has that count
+        warn(f"{provider.tool} reports {real} GPU(s); the pool has {args.gpus}")
     verb = "Re-initialised" if reply.get("old") is not None else "Initialised"
     say(f"{verb} the GPU pool: {args.gpus} GPU(s), provider {name}")
-    if reply["ended"]:
+    if reply.get("old") is not None:
         say(f"Ended {reply['ended']} reservation(s)")
     return 0
 
@@ -1682,7 +1710,7 @@ def status_rows(snap, usage, threshold, now):
                 user=gpu.user,
                 actual_user=gpu.owner,
                 type=gpu.kind.upper(),
-                duration_seconds=round(now - start) if start else None,
+                duration_seconds=max(0, int(now - start)) if start else None,  # as shown
                 duration=format_duration(now - start) if start else "",
                 last_heartbeat=rfc3339(gpu.time("last_heartbeat")),
                 expiry_time=rfc3339(gpu.time("expiry_time")),
@@ -1769,7 +1797,6 @@ def cmd_status(app):
     for line in render_table(header, table):
         if colour:
             for word, code in STATUS_COLOURS.items():
-                line = re.sub(rf"(?<=^.{{{len(line) - len(line.lstrip())}}})\b{word}\b", word, line)
                 line = line.replace(f" {word} ", f" \x1b[{code}m{word}\x1b[0m ", 1)
         say(line.rstrip())
     return 0
@@ -1893,12 +1920,14 @@ def cmd_release(app):
     elif not ids:
         say("No manually reserved GPUs found for current user")
     for r in results:
-        problem = {
-            "free": "is not reserved",
-            "other": f"is reserved by {r.get('user')}, not by you ({current_user()})",
-            "range": "is not in the pool",
-            "corrupt": "has an unreadable state in Redis (an admin can run `admin --force`)",
-        }.get(r["result"])
+        if r["result"] == "other":
+            problem = f"is reserved by {display_user(r)}, not by you ({current_user()})"
+        else:
+            problem = {
+                "free": "is not reserved",
+                "range": "is not in the pool",
+                "corrupt": "has an unreadable state in Redis (an admin can run `admin --force`)",
+            }.get(r["result"])
         if problem:
             print(f"GPU {r['gpu']} {problem}", file=sys.stderr)
     return 1 if ids and not released else 0
@@ -1935,7 +1964,7 @@ def build_report(records, held, days, now):
 
     def add(user, kind, start, end):
         start, end = max(start or since, since), min(end or now, now)
-        if end < since or not user:
+        if end < since or not isinstance(user, str) or not user:
             return
         entry = users.setdefault(user, {"name": user, "seconds": 0.0, "run": 0, "manual": 0})
         entry["seconds"] += max(0.0, end - start)

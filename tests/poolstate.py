@@ -1,0 +1,101 @@
+"""Helpers for end-to-end tests: write and read the pool's Redis state directly (the
+keys of SPEC.md section 4) and parse `status`'s table."""
+
+import json
+import os
+import pwd
+import re
+import time
+import uuid
+
+KEY = "canhazgpu:"
+
+
+def me():
+    """The real OS account the CLI runs as (what `actual_user` holds)."""
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def init_pool(r, gpus=8, provider="nvidia"):
+    """An initialised pool without running `admin` (faster; admin has its own tests)."""
+    r.mset({KEY + "gpu_count": gpus, KEY + "provider": provider})
+
+
+def hold(r, gpu, user="bob", kind="run", actual=None, age=3600, **fields):
+    """Write a reservation of GPU `gpu` the way canhazgpu does (Unix-seconds numbers)."""
+    now = time.time()
+    st = {
+        "user": user,
+        "actual_user": actual or user,
+        "type": kind,
+        "start_time": now - age,
+        "last_heartbeat": now - 5,
+        "reservation_id": uuid.uuid4().hex,
+    }
+    if kind == "manual":
+        st["expiry_time"] = now + 3 * 3600
+    st.update(fields)
+    r.set(f"{KEY}gpu:{gpu}", json.dumps({k: v for k, v in st.items() if v is not None}))
+    return st
+
+
+def gpu_state(r, gpu):
+    raw = r.get(f"{KEY}gpu:{gpu}")
+    return None if raw is None else json.loads(raw)
+
+
+def holders(r, gpus=8):
+    """{gpu: state} of the GPUs that are held."""
+    out = {}
+    for i in range(gpus):
+        st = gpu_state(r, i)
+        if st and st.get("user"):
+            out[i] = st
+    return out
+
+
+def history(r):
+    """The usage records, oldest first."""
+    return [json.loads(m) for m in r.zrange(KEY + "usage_history_sorted", 0, -1)]
+
+
+def add_record(r, user, gpu, start, end, kind="run"):
+    rec = {
+        "user": user,
+        "gpu_id": gpu,
+        "start_time": start,
+        "end_time": end,
+        "duration_seconds": end - start,
+        "reservation_type": kind,
+    }
+    r.zadd(KEY + "usage_history_sorted", {json.dumps(rec): end})
+
+
+def dump(r):
+    """Every key and value, to check that a command changed nothing."""
+    out = {}
+    for key in sorted(r.keys("*")):
+        kind = r.type(key)
+        if kind == "string":
+            out[key] = r.get(key)
+        elif kind == "zset":
+            out[key] = r.zrange(key, 0, -1, withscores=True)
+        else:
+            out[key] = kind
+    return out
+
+
+def parse_table(text):
+    """`status` output -> (column names, [ {column: cell} ]); cells are cut at the
+    header's column starts (cells such as DETAILS hold spaces)."""
+    lines = text.rstrip("\n").splitlines()
+    spans = [(m.group(), m.start()) for m in re.finditer(r"\S+", lines[0])]
+    names = [name for name, _ in spans]
+    rows = []
+    for line in lines[1:]:
+        row = {}
+        for k, (name, start) in enumerate(spans):
+            end = spans[k + 1][1] if k + 1 < len(spans) else None
+            row[name] = line[start:end].strip()
+        rows.append(row)
+    return names, rows
