@@ -417,7 +417,8 @@ local function owner(st) if str(st.actual_user) then return st.actual_user end r
 -- The pool: S[i] is the decoded state (false when unparseable), RAW[i] its JSON.
 local N = tonumber(redis.call('GET', P .. 'gpu_count') or '') or 0
 local S, RAW = {}, {}
-local FREED = false
+local FREED = false  -- something was released: wake the waiters
+local WAKE = false   -- a waiter's request was completed for it by this script: wake it
 
 local function load_pool()
   -- MGET in chunks: unpack() of more than ~8000 values fails in Redis's Lua.
@@ -510,8 +511,8 @@ local function finish()
   if FREED then
     redis.call('ZREMRANGEBYSCORE', P .. 'usage_history_sorted', '-inf',
       string.format('(%d', math.floor(NOW - 86400 * 90)))
-    redis.call('PUBLISH', P .. 'events', 'released')
   end
+  if FREED or WAKE then redis.call('PUBLISH', P .. 'events', FREED and 'released' or 'complete') end
 end
 """
 
@@ -622,9 +623,12 @@ for _, i in ipairs(R.ids or {}) do
   if i >= N then return enc({status = 'invalid', reason = 'range', gpu = i, pool = N}) end
 end
 
+-- A.unreserved is what the hardware shows in use; only a --force request may take those.
 local UNRES = {}
 for _, i in ipairs(A.unreserved or {}) do UNRES[i] = true end
-local function usable(i) return S[i] ~= false and not held(S[i]) and not UNRES[i] end
+local function usable(i, req)
+  return S[i] ~= false and not held(S[i]) and (req.force or not UNRES[i])
+end
 
 local HISTORY
 local function recent_use(actual_user, user)
@@ -670,7 +674,12 @@ local function grant(i, who, qid)
   put(i, st)
 end
 
-local blocked_all, blocked = false, {}
+-- GPUs earlier waiters hold back: their missing ids, or (a count waiter still
+-- short) every GPU; either way only the GPUs that waiter can use.
+local hold_all, hold_unres, blocked = false, false, {}
+local function withheld(i)
+  return blocked[i] or (hold_all and (hold_unres or not UNRES[i]))
+end
 
 local function request_of(e, qid)
   local ids = {}
@@ -682,7 +691,7 @@ local function request_of(e, qid)
     type = str(e.reservation_type) and e.reservation_type or 'run',
     count = tonumber(e.requested_count) or #ids, ids = ids, note = e.note,
     token = str(e.reservation_id) and e.reservation_id or qid, host = e.host, pid = e.pid,
-    duration = dur and dur / 1e9 or 0}
+    force = e.force == true, duration = dur and dur / 1e9 or 0}
 end
 
 -- GPUs already gathered by queue entry qid.
@@ -704,14 +713,13 @@ end
 -- Free GPUs this request may take now, best first.
 local function candidates(req, missing)
   local cands = {}
-  if blocked_all then return cands end
   if missing then
     for _, i in ipairs(missing) do
-      if usable(i) and not blocked[i] then cands[#cands + 1] = i end
+      if usable(i, req) and not withheld(i) then cands[#cands + 1] = i end
     end
   else
     for i = 0, N - 1 do
-      if usable(i) and not blocked[i] then cands[#cands + 1] = i end
+      if usable(i, req) and not withheld(i) then cands[#cands + 1] = i end
     end
   end
   return ordered(cands, req)
@@ -731,17 +739,22 @@ local function gather(qid, e)
       took = took + 1
     end
   end
-  if took > 0 then
+  -- Keep allocated_gpus exact: a Go client releases what it lists when it drops the entry.
+  local listed = type(e.allocated_gpus) == 'table' and #e.allocated_gpus or -1
+  if took > 0 or listed ~= #have then
     table.sort(have)
     e.allocated_gpus = have
     redis.call('SET', P .. 'queue:entry:' .. qid, enc(e))
   end
   missing, need = lacking(req, have)
+  if took > 0 and need == 0 and qid ~= R.entry then WAKE = true end
   if need > 0 then
-    if missing then
-      for _, i in ipairs(missing) do blocked[i] = true end
-    else
-      blocked_all = true
+    for _, i in ipairs(missing or {}) do
+      if req.force or not UNRES[i] then blocked[i] = true end
+    end
+    if not missing then
+      hold_all = true
+      hold_unres = hold_unres or req.force
     end
   end
   return have, need, req
@@ -773,8 +786,14 @@ if str(R.entry) then
     local have, need, req = gather(q.qid, q.e)
     if q.qid == R.entry then
       if need == 0 then return complete(q.qid, have, req) end
+      -- The poll is the heartbeat, of the entry and of its partial GPUs (a Go
+      -- client ends a run-type GPU whose last_heartbeat is old).
       q.e.last_heartbeat = NOW
       redis.call('SET', P .. 'queue:entry:' .. q.qid, enc(q.e))
+      for _, i in ipairs(have) do
+        S[i].last_heartbeat = NOW
+        put(i, S[i])
+      end
       return queued(pos, have, need)
     end
   end
@@ -786,7 +805,7 @@ for _, q in ipairs(Q) do gather(q.qid, q.e) end
 
 local req = {user = R.user, actual_user = R.actual_user, type = R.type, count = R.count,
   ids = R.ids or {}, note = R.note, token = R.token, host = R.host, pid = R.pid,
-  duration = R.duration}
+  force = R.force == true, duration = R.duration}
 local missing, need = lacking(req, {})
 local cands = candidates(req, missing)
 if #cands >= need then
@@ -802,8 +821,8 @@ if not R.block then
   local reasons, free_now, unreserved, held_back = {}, 0, 0, 0
   for i = 0, N - 1 do
     if S[i] ~= false and not held(S[i]) then
-      if UNRES[i] then unreserved = unreserved + 1
-      elseif blocked_all or blocked[i] then held_back = held_back + 1
+      if not usable(i, req) then unreserved = unreserved + 1
+      elseif withheld(i) then held_back = held_back + 1
       else free_now = free_now + 1 end
     end
   end
@@ -812,8 +831,8 @@ if not R.block then
     local why = {gpu = i}
     if st == false then why.reason = 'corrupt'
     elseif held(st) then why.reason = 'held'; why.user = st.user; why.type = st.type
-    elseif UNRES[i] then why.reason = 'unreserved'
-    elseif blocked_all or blocked[i] then why.reason = 'queued'
+    elseif not usable(i, req) then why.reason = 'unreserved'
+    elseif withheld(i) then why.reason = 'queued'
     else why = nil end
     if why then reasons[#reasons + 1] = why end
   end
@@ -830,7 +849,8 @@ local e = {id = R.new_entry, user = R.user, actual_user = R.actual_user,
 if #req.ids > 0 then e.requested_ids = req.ids end
 if R.type == 'manual' then e.expiry_duration = math.floor(R.duration * 1e9 + 0.5) end
 if str(R.note) then e.note = R.note end
-if R.wait then e.wait_timeout = math.floor(R.wait * 1e9 + 0.5) end
+if R.force then e.force = true end
+if R.wait then e.wait_timeout = NOW + R.wait end  -- Go's field is the deadline, a time
 redis.call('ZADD', P .. 'queue', R.enqueue_ns, R.new_entry)
 redis.call('SET', P .. 'queue:entry:' .. R.new_entry, enc(e))
 Q[#Q + 1] = {qid = R.new_entry, e = e}
@@ -1359,6 +1379,7 @@ class Request:
             "duration": self.duration,
             "note": self.note,
             "token": self.token,
+            "force": self.force or None,
             "host": os.uname().nodename,
             "pid": os.getpid(),
         }
@@ -1411,14 +1432,16 @@ class Pool:
         """One atomic allocation step; see LUA_ALLOCATE for the replies."""
         if fresh:
             self._provider = None
-        unreserved = [] if req.force else self.unreserved(name, count)
+        # Passed even with --force: the script also runs the queue for other waiters.
+        unreserved = self.unreserved(name, count)
         args = dict(req.lua(), block=block, entry=entry, wait=wait)
         if block and not entry:
-            args["new_entry"] = str(uuid.uuid4())
+            # Known before the script runs, so a signal that cuts its reply can still cancel it.
+            req.entry = args["new_entry"] = str(uuid.uuid4())
             args["enqueue_ns"] = str(time.time_ns())
         reply = self.store.script("allocate", req=args, unreserved=unreserved)
-        if reply["status"] == "queued":
-            req.entry = entry or args.get("new_entry")
+        if reply["status"] != "queued":
+            req.entry = None
         return reply
 
     def release(self, ids=None, token=None, entry=None):
@@ -1506,6 +1529,8 @@ class Waiter:
         self.pool, self.req, self.name, self.count = pool, req, name, count
         self.reply, self.wait_for, self.progress = reply, wait, progress
         self.started = time.monotonic()
+        # Each poll is the heartbeat: several per queue heartbeat timeout, however short.
+        self.interval = min(QUEUE_POLL, pool.config["queue.heartbeat_timeout"] / 4)
 
     def wait(self):
         events = self.pool.store.redis.pubsub(ignore_subscribe_messages=True)
@@ -1513,7 +1538,7 @@ class Waiter:
             self.pool.store.do("ping")
             events.subscribe(EVENTS)
             reply = self.poll()  # a release may have come before the subscription
-            next_poll = time.monotonic() + QUEUE_POLL
+            next_poll = time.monotonic() + self.interval
             while reply["status"] == "queued":
                 now = time.monotonic()
                 if self.wait_for is not None and now - self.started >= self.wait_for:
@@ -1533,7 +1558,7 @@ class Waiter:
                 woken = self._listen(events, max(0.0, limit))
                 if woken or time.monotonic() >= next_poll:
                     reply = self.poll()
-                    next_poll = time.monotonic() + QUEUE_POLL
+                    next_poll = time.monotonic() + self.interval
             return reply
         finally:
             try:
