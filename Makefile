@@ -34,6 +34,21 @@ deps: shell-deps packaging-deps
 	    || $(PYTHON) -m pip install -q --break-system-packages $$missing; \
 	fi
 
+# The web tests: prometheus_client parses /metrics; Playwright drives Debian's Chromium,
+# installed here with apt (Playwright never downloads a browser of its own).
+PY_DEPS += prometheus_client playwright
+.PHONY: web-deps
+deps: web-deps
+web-deps:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing chromium (apt-get) for the browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "chromium is missing, so the browser tests skip (sudo apt-get install chromium)" >&2; \
+	  fi; \
+	fi
+
 test: deps
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .

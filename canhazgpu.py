@@ -2127,7 +2127,1232 @@ def cmd_queue(app):
 # Web
 # ============================================================================
 #
-# `web` serves the dashboard, a JSON API and Prometheus metrics.  (Built by the `web` issue.)
+# `web` serves the dashboard (one self-contained page), a read-only JSON API in
+# the shapes of `status --json`, `report --json` and `queue --json`, and
+# Prometheus metrics.  Every request reads the pool afresh (one Redis script);
+# the provider's answer is shared by every request for a few seconds, so any
+# number of viewers start at most one nvidia-smi per window.  `--demo` reads a
+# DemoStore instead of Redis, through the same code.
+
+WEB_CACHE_SECONDS = 5.0  # how long one provider answer serves every request
+WEB_IO_TIMEOUT = 10.0  # a client silent this long mid-request (or idle) is dropped
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STATUS_STATES = ("AVAILABLE", "IN_USE", "UNRESERVED", "ERROR")
+
+
+class WebError(Exception):
+    """A request we answer with an HTTP error: a code and one line."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+class UsageCache:
+    """The provider's answer, shared by every request for `ttl` seconds.
+
+    Single-flight: the request that finds it stale queries while holding the
+    lock; requests arriving meanwhile wait for that answer instead of starting
+    their own nvidia-smi."""
+
+    def __init__(self, query, ttl=WEB_CACHE_SECONDS):
+        import threading
+
+        self.query, self.ttl = query, ttl
+        self.lock = threading.Lock()
+        self.key, self.usage, self.expires = None, None, 0.0
+        self.runs = self.failures = 0
+        self.error = None
+
+    def get(self, name, count):
+        """{index: GpuUsage}, or None while the provider fails."""
+        with self.lock:
+            if self.key != (name, count) or time.monotonic() >= self.expires:
+                self.runs += 1
+                error = None
+                try:
+                    self.usage = self.query(name, count)
+                except ProviderError as e:
+                    self.failures += 1
+                    self.usage, error = None, str(e)
+                if error != self.error:  # say it when it starts or changes, not every window
+                    warn(
+                        f"cannot validate GPU usage: {error}" if error else "GPU validation is back"
+                    )
+                self.error = error
+                self.key = (name, count)
+                self.expires = time.monotonic() + self.ttl
+            return self.usage
+
+
+def provider_usage(name, count):
+    usage = Provider.create(name, count).usage()
+    inspect_processes(usage)
+    return usage
+
+
+class Site:
+    """What the web server answers, from a store (Redis's, or a DemoStore)."""
+
+    def __init__(self, store, config, cache, demo=False):
+        self.store, self.config, self.cache = store, config, cache
+        self.page, self.csp = dashboard_page(os.uname().nodename, demo)
+
+    def get(self, path, params):
+        """(code, content type, body) for GET `path`; raises WebError or CanhazError."""
+        if path == "/":
+            return 200, "text/html; charset=utf-8", self.page
+        if path == "/api/status":
+            pool = Pool(self.store, self.config)
+            snap = pool.snapshot()
+            if not snap.count:
+                pool.require()
+            return json_reply(self.rows(snap))
+        if path == "/api/report":
+            return json_reply(report_for(self.store, self.report_days(params)))
+        if path == "/api/queue":
+            return json_reply(queue_report(self.store))
+        if path == "/metrics":
+            return 200, METRICS_TYPE, self.metrics()
+        if path == "/healthz":
+            self.store.do("ping")
+            return json_reply({"status": "ok"})
+        raise WebError(404, f"no such page: {path}")
+
+    def rows(self, snap):
+        usage = self.cache.get(snap.provider, snap.count)
+        return status_rows(snap, usage, self.config["memory.threshold"], time.time())
+
+    def report_days(self, params):
+        unknown = sorted(set(params) - {"days"})
+        if unknown:
+            raise WebError(400, f"unknown parameter {unknown[0]!r}: /api/report takes days=N")
+        values = params.get("days") or [str(self.config["report.days"] or 30)]
+        if len(values) > 1:
+            raise WebError(400, "days is given more than once")
+        try:
+            return convert_setting("days", values[0])
+        except ValueError:
+            raise WebError(
+                400, f"days must be a whole number from 1 to 90, got {values[0]!r}"
+            ) from None
+
+    def metrics(self):
+        out = Metrics()
+        try:
+            snap = Pool(self.store, self.config).snapshot()
+            queue = queue_report(self.store)
+        except CanhazError:
+            snap = queue = None
+        out.add(
+            "canhazgpu_redis_up",
+            "gauge",
+            "1 if the pool could be read from Redis.",
+            [({}, int(snap is not None))],
+        )
+        if snap is not None:
+            self.pool_metrics(out, snap, queue)
+        out.add(
+            "canhazgpu_provider_queries_total",
+            "counter",
+            "GPU provider queries (nvidia-smi, amd-smi runs) made by this server.",
+            [({}, self.cache.runs)],
+        )
+        out.add(
+            "canhazgpu_provider_query_failures_total",
+            "counter",
+            "GPU provider queries that failed.",
+            [({}, self.cache.failures)],
+        )
+        return out.text()
+
+    def pool_metrics(self, out, snap, queue):
+        rows = self.rows(snap) if snap.count else []
+        out.add(
+            "canhazgpu_pool_gpus",
+            "gauge",
+            "GPUs in the pool (0: not initialised).",
+            [({}, snap.count)],
+        )
+        if snap.count:
+            out.add(
+                "canhazgpu_provider_up",
+                "gauge",
+                "1 if the last GPU provider query worked.",
+                [({}, int(self.cache.error is None))],
+            )
+        out.add(
+            "canhazgpu_gpus",
+            "gauge",
+            "GPUs by state.",
+            [({"state": s.lower()}, sum(r["status"] == s for r in rows)) for s in STATUS_STATES],
+        )
+        out.add(
+            "canhazgpu_gpu_state",
+            "gauge",
+            "1 for the state each GPU is in, else 0.",
+            [
+                ({"gpu": r["gpu_id"], "state": s.lower()}, int(r["status"] == s))
+                for r in rows
+                for s in STATUS_STATES
+            ],
+        )
+        mib = 1024 * 1024
+        out.add(
+            "canhazgpu_gpu_memory_used_bytes",
+            "gauge",
+            "GPU memory in use.",
+            [
+                ({"gpu": r["gpu_id"]}, r["memory_mb"] * mib)
+                for r in rows
+                if r.get("memory_mb") is not None
+            ],
+        )
+        out.add(
+            "canhazgpu_gpu_memory_total_bytes",
+            "gauge",
+            "GPU memory in all.",
+            [
+                ({"gpu": r["gpu_id"]}, r["memory_total_mb"] * mib)
+                for r in rows
+                if r.get("memory_total_mb") is not None
+            ],
+        )
+        held, unreserved = {}, {}
+        for r in rows:
+            if r["status"] == "IN_USE":
+                held[r["user"]] = held.get(r["user"], 0) + 1
+            for user in r.get("unreserved_users", ()):
+                unreserved[user] = unreserved.get(user, 0) + 1
+        out.add(
+            "canhazgpu_user_reserved_gpus",
+            "gauge",
+            "GPUs each user holds a reservation on.",
+            [({"user": u}, n) for u, n in sorted(held.items())],
+        )
+        out.add(
+            "canhazgpu_user_unreserved_gpus",
+            "gauge",
+            "GPUs each user's processes use without a reservation.",
+            [({"user": u}, n) for u, n in sorted(unreserved.items())],
+        )
+        out.add(
+            "canhazgpu_queue_length",
+            "gauge",
+            "Requests waiting in the queue.",
+            [({}, queue["total"])],
+        )
+        out.add(
+            "canhazgpu_queue_oldest_wait_seconds",
+            "gauge",
+            "How long the longest-waiting request has waited (0: empty queue).",
+            [({}, queue["oldest_wait_seconds"])],
+        )
+
+
+class Metrics:
+    """Prometheus text exposition format 0.0.4, written by hand (no dependency)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def add(self, name, kind, help, samples):
+        self.lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
+        for labels, value in samples:
+            pairs = ",".join(f'{k}="{metric_label(v)}"' for k, v in labels.items())
+            self.lines.append(f"{name}{{{pairs}}} {value}" if pairs else f"{name} {value}")
+
+    def text(self):
+        return "\n".join(self.lines) + "\n"
+
+
+def metric_label(value):
+    return str(value).replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+
+
+def json_reply(obj, code=200):
+    return code, "application/json", json.dumps(obj)
+
+
+def web_server(site, host, port):
+    """A ThreadingHTTPServer bound to host:port, answering from `site`."""
+    import socket
+    import socketserver
+    import traceback
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlsplit
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: a dashboard polls
+        timeout = WEB_IO_TIMEOUT  # a half-sent request holds only its own thread, this long
+        disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms stall
+
+        # http.server's own errors (a malformed request) as plain text, with a status
+        # line even when the request line is too broken to tell its HTTP version.
+        default_request_version = "HTTP/1.0"
+        error_content_type = "text/plain; charset=utf-8"
+        error_message_format = "%(code)d %(message)s\n"
+
+        def version_string(self):
+            return f"canhazgpu/{__version__}"
+
+        def parse_request(self):
+            if len(self.raw_requestline.split()) == 2:
+                # `GET /` is HTTP/0.9: http.server would wait for headers that never come.
+                self.command, self.requestline = None, ""
+                self.request_version, self.close_connection = "HTTP/1.0", True
+                self.send_error(400, "Bad request line: expected METHOD /path HTTP/1.1")
+                return False
+            return super().parse_request()
+
+        def do_GET(self):
+            self.answer(head=False)
+
+        def do_HEAD(self):
+            self.answer(head=True)
+
+        def __getattr__(self, name):
+            # Every other method, known or not, gets 405 (http.server's default is 501).
+            if name.startswith("do_"):
+                return self.refuse
+            raise AttributeError(name)
+
+        def refuse(self):
+            self.close_connection = True  # a request body we never read must not pass for a request
+            self.reply(
+                405,
+                "application/json",
+                json.dumps({"error": "read-only: use GET"}),
+                extra={"Allow": "GET, HEAD"},
+            )
+
+        def answer(self, head):
+            url = urlsplit(self.path)
+            try:
+                if not url.path.startswith("/"):
+                    raise WebError(400, "the request target must be a path starting with /")
+                code, kind, body = site.get(url.path, parse_qs(url.query, keep_blank_values=True))
+            except WebError as e:
+                code, kind, body = json_reply({"error": str(e)}, e.code)
+            except CanhazError as e:  # Redis unreachable, pool not initialised
+                code, kind, body = json_reply({"error": str(e), "hint": e.hint}, 503)
+            except Exception:
+                traceback.print_exc()
+                code, kind, body = json_reply({"error": "internal error: see the server log"}, 500)
+            extra = {"Content-Security-Policy": site.csp} if kind.startswith("text/html") else {}
+            self.reply(code, kind, body, head=head, extra=extra)
+
+        def reply(self, code, kind, body, head=False, extra=None):
+            data = body.encode() if isinstance(body, str) else body
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", "no-referrer")
+            for key, value in (extra or {}).items():
+                self.send_header(key, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if not head:
+                self.wfile.write(data)
+
+        def log_request(self, code="-", size="-"):
+            # No access log: at hundreds of requests a second it would cost more than
+            # the answers.  Failures are still logged (send_error, 5xx).
+            if str(code).isdigit() and int(code) >= 500:
+                super().log_request(code, size)
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True  # a stuck client never delays shutdown
+        request_queue_size = 128  # many viewers connecting at once
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def server_bind(self):
+            # HTTPServer.server_bind looks up the host's FQDN: seconds without DNS.
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = host, self.server_address[1]
+
+        def handle_error(self, request, client_address):
+            if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+                super().handle_error(request, client_address)  # a client hanging up is no news
+
+    try:
+        return Server((host, port), Handler)
+    except OSError as e:
+        raise CanhazError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}",
+            hint="choose another address with --host / --port",
+        ) from None
+
+
+def cmd_web(app):
+    import threading
+
+    args, config = app.args, app.config
+    host = args.host or config["web.host"] or "0.0.0.0"
+    port = args.port or config["web.port"] or 8080
+    if args.demo:
+        site = Site(DemoStore(), config, UsageCache(demo_usage), demo=True)
+    else:
+        site = Site(app.store(), config, UsageCache(provider_usage))
+        try:
+            site.store.do("ping")
+        except CanhazError as e:
+            warn(f"{e}; the dashboard says so until Redis answers")
+    server = web_server(site, host, port)
+
+    def stop(signum, frame):
+        # shutdown() waits for serve_forever(), which runs in this very thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    shown = os.uname().nodename if host in ("0.0.0.0", "::") else host
+    shown = f"[{shown}]" if ":" in shown else shown
+    demo = " with demo data" if args.demo else ""
+    port = server.server_address[1]
+    print(
+        f"Serving the dashboard{demo} on http://{shown}:{port}/ (Ctrl-C to stop)", file=sys.stderr
+    )
+    try:
+        server.serve_forever(poll_interval=0.25)
+    finally:
+        server.server_close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print("Stopped.", file=sys.stderr, flush=True)
+    return 0
+
+
+class DemoStore:
+    """`web --demo`: a sample pool, queue and usage history in the shapes Redis
+    holds them, read through the same code as real data.  Times follow the clock."""
+
+    address = "demo data"
+    USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "eval-bot")
+
+    def __init__(self):
+        import random
+
+        self.t0 = time.time()
+        rng = random.Random(42)  # the same history on every run
+        self.history = []
+        for day in range(90):
+            for user in self.USERS:
+                if rng.random() < 0.35:
+                    continue
+                start = self.t0 - day * 86400 - rng.uniform(0, 80000)
+                hours = rng.choice((0.5, 1, 2, 3, 4, 6, 8, 12)) * rng.uniform(0.6, 1.4)
+                for gpu in rng.sample(range(8), rng.choice((1, 1, 2, 4))):
+                    self.history.append(
+                        {
+                            "user": user,
+                            "gpu_id": gpu,
+                            "start_time": start,
+                            "end_time": start + hours * 3600,
+                            "duration_seconds": hours * 3600,
+                            "reservation_type": "manual" if rng.random() < 0.3 else "run",
+                        }
+                    )
+        self.history = [h for h in self.history if h["end_time"] < self.t0]
+
+    @property
+    def redis(self):
+        return self  # usage_records() reads the history through store.redis
+
+    def zrangebyscore(self, key, low, high):
+        return [json.dumps(h) for h in self.history if h["end_time"] >= float(low)]
+
+    def scan_iter(self, match=None, count=None):
+        return iter(())  # no legacy history keys
+
+    def do(self, method, *args):
+        if method != "ping":
+            raise CanhazError(f"the demo store cannot {method}")
+        return True
+
+    def script(self, name, now=None, **args):
+        if name != "snapshot":
+            raise CanhazError("the demo is read-only")
+        now = time.time() if now is None else now
+        t0 = self.t0
+
+        def run(user, started, note=""):
+            return {
+                "user": user,
+                "actual_user": user,
+                "type": "run",
+                "start_time": t0 - started,
+                "last_heartbeat": now - (now - t0) % 60,
+                "note": note,
+            }
+
+        def manual(user, started, hours, note="", actual=None):
+            return {
+                "user": user,
+                "actual_user": actual or user,
+                "type": "manual",
+                "start_time": t0 - started,
+                "expiry_time": t0 - started + hours * 3600,
+                "note": note,
+            }
+
+        states = [
+            run("alice", 11530, "llama-3 8B fine-tune, lr sweep 3/5"),
+            run("alice", 11530, "llama-3 8B fine-tune, lr sweep 3/5"),
+            manual("bob", 9840, 8, "notebook: attention ablations"),
+            manual("eval-bot", 1800, 2, "nightly eval", actual="svc-ml"),
+            {"last_released": t0 - 7260},
+            run("frank", 2820),
+            {"last_released": t0 - 2520},
+            None,
+        ]
+        queue = [
+            {
+                "id": "5b0c7d1e-demo-0001",
+                "user": "dave",
+                "actual_user": "dave",
+                "requested_count": 2,
+                "requested_ids": [0, 1],
+                "allocated_gpus": [],
+                "reservation_type": "run",
+                "note": "multi-node smoke test",
+                "enqueue_time": t0 - 372,
+                "last_heartbeat": now,
+            },
+            {
+                "id": "5b0c7d1e-demo-0002",
+                "user": "erin",
+                "actual_user": "erin",
+                "requested_count": 1,
+                "requested_ids": [2],
+                "allocated_gpus": [],
+                "reservation_type": "manual",
+                "enqueue_time": t0 - 100,
+                "last_heartbeat": now,
+            },
+        ]
+        raws = [json.dumps({k: v for k, v in s.items() if v}) if s else False for s in states]
+        return [len(states), "nvidia", raws, [json.dumps(q) for q in queue]]
+
+
+def demo_usage(name, count):
+    """The sample pool's hardware, as nvidia-smi and /proc would tell it."""
+    total = 81559
+    busy = {  # gpu: (MiB used, pid, process, owner, command line)
+        0: (
+            71234,
+            48213,
+            "python3",
+            "alice",
+            ["torchrun", "train.py", "--model", "meta-llama/Meta-Llama-3-8B"],
+        ),
+        1: (
+            70988,
+            48214,
+            "python3",
+            "alice",
+            ["torchrun", "train.py", "--model", "meta-llama/Meta-Llama-3-8B"],
+        ),
+        2: (12345, 39110, "python3", "bob", ["python3", "-m", "ipykernel_launcher"]),
+        4: (38012, 51200, "vllm", "carol", ["vllm", "serve", "mistralai/Mistral-7B-Instruct-v0.3"]),
+        5: (
+            23456,
+            50777,
+            "python3",
+            "frank",
+            ["lm_eval", "--model_args", "pretrained=Qwen/Qwen2-7B,dtype=bfloat16"],
+        ),
+    }
+    usage = {}
+    for i in range(count):
+        used, pid, proc, owner, cmdline = busy.get(i, (0, None, None, None, None))
+        gpu = usage[i] = GpuUsage(i, f"GPU-demo-{i}", "NVIDIA H100 80GB HBM3", used, total)
+        if pid:
+            p = GpuProcess(pid, proc, used - 512)
+            p.owner, p.model = owner, detect_model(cmdline)
+            gpu.processes.append(p)
+    return usage
+
+
+# The dashboard: one self-contained page.  Its script builds every element
+# from the JSON API with textContent, never from HTML strings.
+WEB_CSS = r"""
+:root {
+  color-scheme: light;
+  --bg: #f4f6f9; --panel: #ffffff; --sunken: #eef1f5; --border: #dde2e9; --text: #17202c;
+  --muted: #5d6878; --accent: #2563eb; --track: #e4e8ee;
+  --shadow: 0 1px 2px rgba(16, 24, 40, .05), 0 1px 3px rgba(16, 24, 40, .08);
+  --ok: #15803d; --ok-bg: #dcfce7; --use: #2563eb; --use-bg: #dbeafe;
+  --warn: #b45309; --warn-bg: #fef3c7; --err: #dc2626; --err-bg: #fee2e2;
+}
+:root[data-theme="dark"] {
+  color-scheme: dark;
+  --bg: #0d1117; --panel: #161b22; --sunken: #1c232c; --border: #2a313c; --text: #e6edf3;
+  --muted: #8b949e; --accent: #6aa5ff; --track: #242c36; --shadow: none;
+  --ok: #3fb950;
+  --ok-bg: rgba(63, 185, 80, .16);
+  --use: #6aa5ff;
+  --use-bg: rgba(106, 165, 255, .16);
+  --warn: #f0a63a;
+  --warn-bg: rgba(240, 166, 58, .16);
+  --err: #ff7070;
+  --err-bg: rgba(255, 112, 112, .16);
+}
+* { box-sizing: border-box; }
+html { -webkit-text-size-adjust: 100%; }
+body {
+  margin: 0; background: var(--bg); color: var(--text);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
+    sans-serif;
+}
+.num { font-variant-numeric: tabular-nums; }
+button, input { font: inherit; color: inherit; }
+a { color: var(--accent); }
+.top {
+  display: flex;
+  flex-wrap: wrap;
+  align-items: center;
+  justify-content: space-between;
+  gap: 10px 16px;
+  padding: 12px clamp(14px, 3vw, 28px);
+  background: var(--panel);
+  border-bottom: 1px solid var(--border);
+}
+.brand { display: flex; align-items: center; gap: 10px; min-width: 0; }
+.logo { width: 30px; height: 30px; flex: none; }
+.titles { display: flex; flex-direction: column; min-width: 0; }
+.product { font-size: 12px; color: var(--muted); letter-spacing: .02em; }
+.host { font-size: 18px; font-weight: 650; overflow-wrap: anywhere; }
+.pill {
+  font-size: 11px; font-weight: 600; text-transform: uppercase; letter-spacing: .05em;
+  padding: 2px 8px; border-radius: 999px; background: var(--warn-bg); color: var(--warn);
+}
+.actions { display: flex; align-items: center; gap: 8px; flex-wrap: wrap; }
+.updated { color: var(--muted); font-size: 12px; display: flex; align-items: center; gap: 6px; }
+.dot { width: 8px; height: 8px; border-radius: 50%; background: var(--ok); }
+.dot.stale { background: var(--err); }
+.dot.busy { background: var(--warn); }
+.btn {
+  display: inline-flex; align-items: center; gap: 6px; cursor: pointer; border-radius: 8px;
+  padding: 6px 12px; background: var(--sunken); border: 1px solid var(--border);
+}
+.btn:hover { border-color: var(--accent); }
+.btn:focus-visible, .seg button:focus-visible, input:focus-visible {
+  outline: 2px solid var(--accent);
+  outline-offset: 1px;
+}
+main { max-width: 1320px; margin: 0 auto; padding: 18px clamp(12px, 3vw, 28px) 8px; }
+section { margin-bottom: 26px; }
+h2 {
+  font-size: 13px;
+  font-weight: 650;
+  text-transform: uppercase;
+  letter-spacing: .06em;
+  color: var(--muted);
+  margin: 0 0 10px; display: flex; align-items: center; gap: 8px;
+}
+.count {
+  background: var(--sunken);
+  border: 1px solid var(--border);
+  color: var(--text);
+  border-radius: 999px;
+  padding: 0 8px; font-size: 12px; letter-spacing: 0; }
+.banner {
+  border: 1px solid var(--err); background: var(--err-bg); color: var(--text); border-radius: 10px;
+  padding: 10px 14px; margin-bottom: 16px; overflow-wrap: anywhere;
+}
+.banner strong { color: var(--err); }
+.stats { display: grid; grid-template-columns: repeat(auto-fit, minmax(130px, 1fr)); gap: 12px; }
+.stat {
+  background: var(--panel);
+  border: 1px solid var(--border);
+  border-radius: 12px;
+  padding: 12px 14px;
+  box-shadow: var(--shadow); display: flex; flex-direction: column; gap: 2px;
+}
+.stat .label {
+  font-size: 12px;
+  color: var(--muted);
+  display: flex;
+  align-items: center;
+  gap: 6px;
+}
+.stat .value { font-size: 26px; font-weight: 650; line-height: 1.15; }
+.swatch { width: 9px; height: 9px; border-radius: 3px; background: var(--c, var(--muted)); }
+.s-available { --c: var(--ok); --c-bg: var(--ok-bg); }
+.s-in_use { --c: var(--use); --c-bg: var(--use-bg); }
+.s-unreserved { --c: var(--warn); --c-bg: var(--warn-bg); }
+.s-error { --c: var(--err); --c-bg: var(--err-bg); }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(285px, 1fr)); gap: 14px; }
+.card {
+  background: var(--panel);
+  border: 1px solid var(--border);
+  border-radius: 12px;
+  padding: 14px 16px 16px;
+  box-shadow: inset 0 3px 0 var(--c), var(--shadow);
+  display: flex;
+  flex-direction: column;
+  gap: 10px;
+  min-width: 0;
+}
+.card-head { display: flex; align-items: center; justify-content: space-between; gap: 8px; }
+.gpu-id { font-size: 16px; font-weight: 650; }
+.gpu-model { color: var(--muted); font-size: 12px; margin-top: -8px; overflow-wrap: anywhere; }
+.badge {
+  font-size: 12px; font-weight: 600; padding: 2px 10px; border-radius: 999px; white-space: nowrap;
+  background: var(--c-bg);
+  color: var(--c);
+  border: 1px solid color-mix(in srgb, var(--c) 35%, transparent);
+}
+.who { display: flex; align-items: center; gap: 10px; min-width: 0; }
+.avatar {
+  width: 32px; height: 32px; border-radius: 50%; flex: none; display: grid; place-items: center;
+  font-weight: 650; background: var(--c-bg); color: var(--c); text-transform: uppercase;
+}
+.who-text { display: flex; flex-direction: column; min-width: 0; }
+.user { font-weight: 600; overflow-wrap: anywhere; }
+.sub { color: var(--muted); font-size: 12px; overflow-wrap: anywhere; }
+.facts {
+  display: grid;
+  grid-template-columns: auto 1fr;
+  gap: 4px 12px;
+  margin: 0;
+  font-size: 13px;
+}
+.facts > div { display: contents; }
+.facts dt { color: var(--muted); }
+.facts dd { margin: 0; min-width: 0; overflow-wrap: anywhere; }
+.note {
+  margin: 0; padding: 7px 10px; border-radius: 8px; background: var(--sunken); font-size: 13px;
+  overflow-wrap: anywhere; white-space: pre-wrap; border-left: 3px solid var(--border);
+}
+.mem { margin-top: auto; }
+.mem-label {
+  display: flex;
+  justify-content: space-between;
+  gap: 8px;
+  font-size: 12px;
+  color: var(--muted);
+  margin-bottom: 5px;
+}
+.bar { height: 8px; border-radius: 999px; background: var(--track); overflow: hidden; }
+.fill {
+  height: 100%;
+  width: 0;
+  border-radius: 999px;
+  background: var(--c, var(--accent));
+  transition: width .4s ease;
+}
+.panel {
+  background: var(--panel);
+  border: 1px solid var(--border);
+  border-radius: 12px;
+  box-shadow: var(--shadow);
+}
+.empty { color: var(--muted); padding: 16px; margin: 0; }
+.queue { list-style: none; margin: 0; padding: 0; }
+.q-item {
+  display: grid; grid-template-columns: 40px minmax(0, 1.3fr) minmax(0, 1fr) minmax(0, 1fr) auto;
+  grid-template-areas: "pos who req got wait" ". note note note note";
+  gap: 4px 14px; align-items: center; padding: 10px 16px; border-top: 1px solid var(--border);
+}
+.q-item:first-child { border-top: 0; }
+.q-pos { grid-area: pos; font-weight: 650; color: var(--muted); }
+.q-who { grid-area: who; min-width: 0; }
+.q-req { grid-area: req; }
+.q-got { grid-area: got; }
+.q-wait { grid-area: wait; text-align: right; white-space: nowrap; }
+.q-note { grid-area: note; }
+.toolbar {
+  display: flex;
+  flex-wrap: wrap;
+  align-items: center;
+  gap: 10px 14px;
+  padding: 12px 16px;
+  border-bottom: 1px solid var(--border);
+}
+.seg {
+  display: inline-flex;
+  border: 1px solid var(--border);
+  border-radius: 8px;
+  overflow: hidden;
+}
+.seg button {
+  border: 0;
+  background: transparent;
+  padding: 5px 12px;
+  cursor: pointer;
+  border-left: 1px solid var(--border);
+}
+.seg button:first-child { border-left: 0; }
+.seg button[aria-pressed="true"] { background: var(--accent); color: #fff; }
+.days { display: inline-flex; align-items: center; gap: 6px; color: var(--muted); }
+.days input {
+  width: 64px;
+  padding: 4px 8px;
+  border-radius: 8px;
+  border: 1px solid var(--border);
+  background: var(--sunken);
+}
+.days input:invalid { border-color: var(--err); }
+.totals { margin-left: auto; color: var(--muted); font-size: 13px; }
+.rows { padding: 6px 16px 14px; }
+.r-row {
+  display: grid;
+  grid-template-columns: minmax(90px, 200px) minmax(0, 1fr) 170px;
+  gap: 4px 14px;
+  align-items: center;
+  padding: 7px 0;
+}
+.r-name { font-weight: 600; overflow-wrap: anywhere; }
+.r-bar { height: 12px; border-radius: 6px; background: var(--track); overflow: hidden; }
+.r-fill {
+  height: 100%;
+  background: linear-gradient(90deg, var(--accent),
+    color-mix(in srgb, var(--accent) 65%, #a855f7));
+  border-radius: 6px;
+}
+.r-val { text-align: right; white-space: nowrap; }
+.r-val .sub { margin-left: 6px; }
+.r-kind { grid-column: 2 / -1; margin-top: -4px; }
+footer { color: var(--muted); font-size: 12px; text-align: center; padding: 8px 16px 24px; }
+footer a { color: inherit; }
+@media (max-width: 640px) {
+  .host { font-size: 16px; }
+  .actions { width: 100%; justify-content: space-between; }
+  .stats { grid-template-columns: repeat(3, minmax(0, 1fr)); gap: 8px; }
+  .stat { padding: 10px 12px; }
+  .stat:last-child { grid-column: span 2; }
+  .stat .value { font-size: 22px; }
+  .grid { grid-template-columns: minmax(0, 1fr); }
+  .q-item {
+    grid-template-columns: 30px minmax(0, 1fr) auto;
+    grid-template-areas: "pos who wait" ". req req" ". got got" ". note note";
+  }
+  .r-row { grid-template-columns: minmax(0, 1fr) auto; }
+  .r-bar { grid-column: 1 / -1; grid-row: 2; }
+  .r-kind { grid-column: 1 / -1; grid-row: 3; margin-top: 0; }
+  .totals { margin-left: 0; width: 100%; }
+}
+@media (prefers-reduced-motion: reduce) { .fill { transition: none; } }
+"""
+
+WEB_JS = r"""
+"use strict";
+(function () {
+  // Everything shown from the API goes in with textContent: never as HTML.
+  var REFRESH_MS = 30000;
+  var THEME_KEY = "canhazgpu-theme";
+  var STATES = {
+    AVAILABLE: { label: "Available", cls: "s-available" },
+    IN_USE: { label: "In use", cls: "s-in_use" },
+    UNRESERVED: { label: "Unreserved", cls: "s-unreserved" },
+    ERROR: { label: "Error", cls: "s-error" }
+  };
+  var root = document.documentElement;
+  var timer = null, lastLoad = 0, days = 30, reportSeq = 0;
+
+  function stored(key) { try { return localStorage.getItem(key); } catch (e) { return null; } }
+  function store(key, value) {
+    try { localStorage.setItem(key, value); } catch (e) { /* private mode */ }
+  }
+  root.dataset.theme = stored(THEME_KEY) ||
+    (matchMedia("(prefers-color-scheme: light)").matches ? "light" : "dark");
+
+  function $(id) { return document.getElementById(id); }
+  function el(tag, cls, text) {
+    var node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+  function span(cls, text) { return el("span", cls, text); }
+  function gib(mib) { return (mib / 1024).toFixed(1); }
+  function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
+  function ago(seconds) {
+    var s = Math.max(0, Math.round(seconds || 0)), out = [];
+    [[86400, "d"], [3600, "h"], [60, "m"], [1, "s"]].forEach(function (u) {
+      if (s >= u[0] && out.length < 2) { out.push(Math.floor(s / u[0]) + u[1]); s %= u[0]; }
+    });
+    return out.join(" ") || "0s";
+  }
+  function userText(row) {
+    if (row.actual_user && row.user && row.actual_user !== row.user) {
+      return row.actual_user + " (" + row.user + ")";
+    }
+    return row.user || "";
+  }
+
+  async function getJSON(url) {
+    var response = await fetch(url, {
+      cache: "no-store", headers: { Accept: "application/json" }
+    });
+    var body = null;
+    try { body = await response.json(); } catch (e) { /* not JSON */ }
+    if (!response.ok) {
+      var message = (body && body.error) || ("HTTP " + response.status);
+      throw new Error(message + (body && body.hint ? " (" + body.hint + ")" : ""));
+    }
+    return body;
+  }
+
+  function showErrors(errors) {
+    var banner = $("banner");
+    banner.replaceChildren();
+    banner.hidden = errors.length === 0;
+    errors.forEach(function (e, i) {
+      var line = el("div");
+      line.append(el("strong", null, e[0] + ": "), span(null, e[1].message));
+      banner.append(line);
+    });
+    $("dot").className = "dot" + (errors.length ? " stale" : "");
+  }
+
+  function renderStats(rows, queue) {
+    var counts = { AVAILABLE: 0, IN_USE: 0, UNRESERVED: 0, ERROR: 0 };
+    rows.forEach(function (r) { if (r.status in counts) counts[r.status] += 1; });
+    var tiles = Object.keys(STATES).map(function (key) {
+      var tile = el("div", "stat " + STATES[key].cls);
+      var label = el("div", "label");
+      label.append(span("swatch"), span(null, STATES[key].label));
+      var value = el("div", "value num", counts[key]);
+      if (key === "AVAILABLE") value.append(span("sub", " / " + rows.length));
+      tile.append(label, value);
+      tile.dataset.state = key;
+      return tile;
+    });
+    var q = el("div", "stat");
+    var qlabel = el("div", "label");
+    qlabel.append(span("swatch"), span(null, "Waiting"));
+    q.append(qlabel, el("div", "value num", queue ? queue.total : "–"));
+    tiles.push(q);
+    $("stats").replaceChildren.apply($("stats"), tiles);
+  }
+
+  function fact(list, label, value) {
+    if (value === undefined || value === null || value === "") return;
+    var row = el("div");
+    row.append(el("dt", null, label), el("dd", null, value));
+    list.append(row);
+  }
+
+  // status's details ("heartbeat 0h 0m 5s ago"), as a label and a value for a card
+  var DETAILS = [["heartbeat ", "Heartbeat"], ["expires ", "Expires"], ["free for ", "Free for"],
+    ["never used", "Last used"]];
+  function detail(row) {
+    var text = row.details || "";
+    if (row.status === "UNRESERVED") return ["Usage", text];
+    if (row.status === "ERROR") return ["Problem", text];
+    for (var i = 0; i < DETAILS.length; i++) {
+      if (text.indexOf(DETAILS[i][0]) === 0) {
+        return [DETAILS[i][1], text.slice(DETAILS[i][0].length) || "never"];
+      }
+    }
+    return ["Details", text];
+  }
+
+  function memory(row) {
+    var box = el("div", "mem"), label = el("div", "mem-label"), bar = el("div", "bar");
+    var fill = el("div", "fill"), used = row.memory_mb, total = row.memory_total_mb;
+    label.append(span(null, "Memory"));
+    bar.append(fill);
+    bar.setAttribute("role", "meter");
+    bar.setAttribute("aria-label", "GPU " + row.gpu_id + " memory");
+    if (typeof used === "number" && typeof total === "number" && total > 0) {
+      var pct = Math.min(100, (100 * used) / total);
+      label.append(
+        span("num", gib(used) + " / " + gib(total) + " GiB · " + Math.round(pct) + "%"));
+      fill.style.width = pct.toFixed(1) + "%";
+      bar.setAttribute("aria-valuemin", "0");
+      bar.setAttribute("aria-valuemax", String(total));
+      bar.setAttribute("aria-valuenow", String(used));
+    } else {
+      label.append(span(null, typeof used === "number" ? used + " MiB used" : "not reported"));
+    }
+    box.append(label, bar);
+    return box;
+  }
+
+  function card(row) {
+    var state = STATES[row.status] || STATES.ERROR;
+    var node = el("article", "card " + state.cls);
+    node.dataset.gpu = row.gpu_id;
+    var head = el("div", "card-head");
+    head.append(span("gpu-id", "GPU " + row.gpu_id), span("badge", state.label));
+    node.append(head);
+    if (row.gpu_model) node.append(el("div", "gpu-model", row.gpu_model));
+    var user = userText(row);
+    if (user) {
+      var who = el("div", "who"), text = el("div", "who-text");
+      who.append(span("avatar", user.trim().charAt(0) || "?"));
+      text.append(span("user", user));
+      var sub = [];
+      if (row.type) sub.push(row.type === "MANUAL" ? "manual reservation" : "run");
+      if (row.status === "UNRESERVED") sub.push("no reservation");
+      if (row.duration) sub.push("for " + row.duration);
+      if (sub.length) text.append(span("sub", sub.join(" · ")));
+      who.append(text);
+      node.append(who);
+    }
+    var facts = el("dl", "facts");
+    var details = detail(row);
+    fact(facts, details[0], details[1]);
+    fact(facts, "Model", row.model && row.model.model);
+    fact(facts, "Validation", row.validation);
+    node.append(facts);
+    if (row.note) node.append(el("p", "note", row.note));
+    node.append(memory(row));
+    return node;
+  }
+
+  function renderStatus(rows) {
+    var grid = $("gpus");
+    grid.replaceChildren.apply(grid, rows.map(card));
+    grid.setAttribute("aria-busy", "false");
+  }
+
+  function renderQueue(queue) {
+    var box = $("queue");
+    $("queue-count").textContent = String(queue.total);
+    if (!queue.total) {
+      box.replaceChildren(el("p", "empty", "Nobody is waiting for a GPU."));
+      return;
+    }
+    var list = el("ol", "queue");
+    queue.entries.forEach(function (e) {
+      var item = el("li", "q-item");
+      var who = el("div", "q-who");
+      who.append(el("div", "user", userText(e) || "?"),
+        el("div", "sub", (e.reservation_type === "manual" ? "manual reservation" : "run")));
+      var wanted = e.requested_ids && e.requested_ids.length
+        ? "GPU" + (e.requested_ids.length > 1 ? "s " : " ") + e.requested_ids.join(", ")
+        : plural(e.requested_count || 1, "GPU");
+      var got = e.allocated_gpus && e.allocated_gpus.length
+        ? "gathered " + e.allocated_gpus.join(", ") : "nothing gathered yet";
+      item.append(span("q-pos num", "#" + e.position), who, el("div", "q-req", "wants " + wanted),
+        el("div", "q-got sub", got), el("div", "q-wait num", "waiting " + ago(e.waiting_seconds)));
+      if (e.note) item.append(el("p", "note q-note", e.note));
+      list.append(item);
+    });
+    box.replaceChildren(list);
+  }
+
+  function renderReport(report) {
+    var d = report.days;
+    $("report-totals").textContent = report.total_gpu_hours.toFixed(1) + " GPU hours · " +
+      plural(report.total_reservations, "reservation") + " · " +
+      plural(report.unique_users, "user") +
+      " · " + report.start_date.slice(0, 10) + " to " + report.end_date.slice(0, 10);
+    var rows = $("report-rows");
+    if (!report.users.length) {
+      rows.replaceChildren(
+        el("p", "empty", "No reservations in the last " + plural(d, "day") + "."));
+      return;
+    }
+    var top = Math.max.apply(null, report.users.map(function (u) { return u.gpu_hours; })) || 1;
+    rows.replaceChildren.apply(rows, report.users.map(function (u) {
+      var row = el("div", "r-row"), bar = el("div", "r-bar"), fill = el("div", "r-fill");
+      fill.style.width = Math.max(0.5, (100 * u.gpu_hours) / top).toFixed(1) + "%";
+      bar.append(fill);
+      var value = el("div", "r-val num", u.gpu_hours.toFixed(1) + " h");
+      value.append(span("sub", u.percentage.toFixed(1) + "%"));
+      row.append(el("div", "r-name", u.name), bar, value,
+        el("div", "r-kind sub", plural(u.run_count, "run") + " · " + u.manual_count + " manual"));
+      return row;
+    }));
+  }
+
+  function setDays(value) {
+    days = value;
+    $("days").value = String(value);
+    document.querySelectorAll(".seg button").forEach(function (b) {
+      b.setAttribute("aria-pressed", String(Number(b.dataset.days) === value));
+    });
+    store("canhazgpu-days", String(value));
+  }
+
+  async function loadReport() {
+    var seq = ++reportSeq;  // a slow answer for an older choice must not win
+    var report = await getJSON("/api/report?days=" + days);
+    if (seq === reportSeq) renderReport(report);
+  }
+
+  async function load() {
+    $("dot").className = "dot busy";
+    var results = await Promise.allSettled(
+      [getJSON("/api/status"), getJSON("/api/queue"), loadReport()]);
+    var errors = [];
+    var names = ["GPU status", "Queue", "Report"];
+    results.forEach(function (r, i) {
+      if (r.status === "rejected") errors.push([names[i], r.reason]);
+    });
+    if (results[0].status === "fulfilled") renderStatus(results[0].value);
+    if (results[1].status === "fulfilled") renderQueue(results[1].value);
+    if (results[0].status === "fulfilled") {
+      renderStats(results[0].value, results[1].status === "fulfilled" ? results[1].value : null);
+    }
+    showErrors(errors);
+    $("updated").textContent = "Updated " + new Date().toLocaleTimeString();
+  }
+
+  function schedule() {
+    clearTimeout(timer);
+    if (document.hidden) return;  // paused while nobody looks; caught up on return
+    timer = setTimeout(refresh, Math.max(0, REFRESH_MS - (Date.now() - lastLoad)));
+  }
+
+  async function refresh() {
+    clearTimeout(timer);
+    lastLoad = Date.now();
+    try { await load(); } finally { schedule(); }
+  }
+
+  function start() {
+    var host = document.querySelector('meta[name="canhazgpu-host"]').content;
+    $("host").textContent = host;
+    document.title = host + " · canhazgpu";
+    $("demo").hidden = document.querySelector('meta[name="canhazgpu-demo"]').content !== "1";
+    var saved = Number(stored("canhazgpu-days"));
+    setDays(saved >= 1 && saved <= 90 && Math.floor(saved) === saved ? saved : 30);
+    $("refresh").addEventListener("click", refresh);
+    $("theme").addEventListener("click", function () {
+      root.dataset.theme = root.dataset.theme === "dark" ? "light" : "dark";
+      store(THEME_KEY, root.dataset.theme);
+    });
+    document.querySelectorAll(".seg button").forEach(function (b) {
+      b.addEventListener("click", function () { setDays(Number(b.dataset.days)); reload(); });
+    });
+    $("days").addEventListener("change", function () {
+      var value = Number($("days").value);
+      if ($("days").checkValidity() && value >= 1 && value <= 90) { setDays(value); reload(); }
+    });
+    document.addEventListener("visibilitychange", schedule);
+    refresh();
+  }
+
+  function reload() {
+    loadReport().then(
+      function () { showErrors([]); },
+      function (e) { showErrors([["Report", e]]); });
+  }
+
+  document.addEventListener("DOMContentLoaded", start);
+})();
+"""
+
+WEB_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="dark light">
+<meta name="canhazgpu-host" content="{{HOST}}">
+<meta name="canhazgpu-demo" content="{{DEMO}}">
+<title>{{HOST}} · canhazgpu</title>
+<link rel="icon" href="{{ICON}}">
+<style>{{CSS}}</style>
+<script>{{JS}}</script>
+</head>
+<body>
+<header class="top">
+  <div class="brand">
+    {{LOGO}}
+    <div class="titles">
+      <span class="product">canhazgpu</span><span class="host" id="host"></span>
+    </div>
+    <span class="pill" id="demo" hidden>demo data</span>
+  </div>
+  <div class="actions">
+    <span class="updated">
+      <span class="dot" id="dot"></span><span id="updated">Loading…</span>
+    </span>
+    <span>
+      <button class="btn" id="refresh" type="button"
+        title="Refresh now (automatic every 30 s)">&#x21bb; Refresh</button>
+      <button class="btn" id="theme" type="button"
+        title="Switch between dark and light" aria-label="Switch theme">&#x25d0;</button>
+    </span>
+  </div>
+</header>
+<main>
+  <div class="banner" id="banner" role="alert" hidden></div>
+  <section aria-label="Summary"><div class="stats" id="stats"></div></section>
+  <section>
+    <h2>GPUs</h2>
+    <div class="grid" id="gpus" aria-busy="true"></div>
+  </section>
+  <section>
+    <h2>Queue <span class="count num" id="queue-count">–</span></h2>
+    <div class="panel" id="queue"><p class="empty">Loading…</p></div>
+  </section>
+  <section>
+    <h2>Reservation report</h2>
+    <div class="panel">
+      <div class="toolbar">
+        <div class="seg" role="group" aria-label="Report period">
+          <button type="button" data-days="1">1 day</button>
+          <button type="button" data-days="7">7 days</button>
+          <button type="button" data-days="30">30 days</button>
+          <button type="button" data-days="90">90 days</button>
+        </div>
+        <label class="days">Days
+          <input id="days" type="number" min="1" max="90" step="1" value="30" inputmode="numeric">
+        </label>
+        <span class="totals" id="report-totals"></span>
+      </div>
+      <div class="rows" id="report-rows"><p class="empty">Loading…</p></div>
+    </div>
+  </section>
+</main>
+<footer>
+  canhazgpu {{VERSION}} · refreshes every 30 s while visible ·
+  <a href="/api/status">/api/status</a> · <a href="/api/queue">/api/queue</a> ·
+  <a href="/api/report">/api/report</a> · <a href="/metrics">/metrics</a>
+</footer>
+</body>
+</html>
+"""
+
+
+WEB_LOGO = (
+    '<svg class="logo" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32" aria-hidden="true">'
+    '<rect width="32" height="32" rx="7" fill="#2563eb"/>'
+    '<rect x="7" y="9" width="18" height="14" rx="2" fill="none" stroke="#fff" stroke-width="2.5"/>'
+    '<path d="M11 13h4v6h-4z" fill="#fff"/>'
+    '<path d="M10 5v4M16 5v4M22 5v4M10 23v4M16 23v4M22 23v4" stroke="#fff" stroke-width="2"/>'
+    "</svg>"
+)
+
+
+def dashboard_page(host, demo):
+    """The page (bytes) and its Content-Security-Policy: only the page's own
+    script and style run, and they talk only to this server."""
+    import base64
+    import hashlib
+    import html
+    from urllib.parse import quote
+
+    def digest(text):
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+    values = {
+        "HOST": html.escape(host),
+        "DEMO": "1" if demo else "0",
+        "VERSION": __version__,
+        "ICON": "data:image/svg+xml," + quote(WEB_LOGO),
+        "LOGO": WEB_LOGO,
+        "CSS": WEB_CSS,
+        "JS": WEB_JS,
+    }
+    page = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], WEB_HTML)
+    csp = (
+        f"default-src 'none'; script-src {digest(WEB_JS)}; style-src {digest(WEB_CSS)}; "
+        "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+    return page.encode(), csp
 
 
 # ============================================================================
@@ -2405,7 +3630,7 @@ def build_parser():
 
     p = command(
         "web",
-        None,
+        cmd_web,
         "serve the dashboard, a JSON API and Prometheus metrics",
         examples("canhazgpu web --port 8080", "canhazgpu web --demo   # sample data, no Redis"),
     )

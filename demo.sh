@@ -30,8 +30,10 @@ fi
 dir=$(mktemp -d "${TMPDIR:-/tmp}/canhazgpu-demo.XXXXXX")
 redis_pid=''
 waiter_pid=''
+web_pid=''
 cleanup() {
   if [ -n "$waiter_pid" ]; then kill "$waiter_pid" 2>/dev/null; wait "$waiter_pid" 2>/dev/null; fi
+  if [ -n "$web_pid" ]; then kill "$web_pid" 2>/dev/null; wait "$web_pid" 2>/dev/null; fi
   if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null; wait "$redis_pid" 2>/dev/null; fi
   rm -rf "$dir"
 }
@@ -111,5 +113,43 @@ chg status || warn $?
 
 step "Usage report for the last day (finished and running reservations)"
 chg report --days 1 || warn $?
+
+step "The dashboard: \`canhazgpu web\` shows this pool in a browser, with a JSON API and metrics"
+chg reserve --gpus 1 --duration 1h --note "see me on the dashboard" --nonblock --short || warn $?
+port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+if [ -t 0 ] && [ -t 1 ]; then
+  echo "Open http://127.0.0.1:$port/ in a browser; Ctrl-C stops the dashboard and ends the demo"
+  trap - INT  # Ctrl-C stops the server, which exits cleanly; then the demo cleans up
+  chg web --host 127.0.0.1 --port "$port" || warn $?
+  trap 'exit 130' INT
+else  # not on a terminal (CI, a pipe): serve it just long enough to ask it once
+  printf '$ canhazgpu web --host 127.0.0.1 --port %s &\n' "$port"
+  "$PYTHON" canhazgpu.py web --host 127.0.0.1 --port "$port" &  # not via chg: $! is the server
+  web_pid=$!
+  "$PYTHON" - "$port" <<'EOF' || warn $?
+import json, sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}"
+for _ in range(100):
+    try:
+        rows = json.load(urllib.request.urlopen(url + "/api/status", timeout=5))
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    sys.exit("the dashboard did not answer within 10 s")
+print(f"$ curl {url}/api/status")
+for row in rows:
+    line = f"  GPU {row['gpu_id']}: {row['status']:<10} {row.get('user', '')}  {row.get('note', '')}"
+    print(line.rstrip())
+metrics = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+print(f"$ curl {url}/metrics | grep '^canhazgpu_gpus'")
+for line in metrics.splitlines():
+    if line.startswith("canhazgpu_gpus{"):
+        print(" ", line)
+EOF
+  kill -TERM "$web_pid"
+  wait "$web_pid" || warn $?
+  web_pid=''
+fi
 
 step "Done: Redis is stopped and $dir removed"
