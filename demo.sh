@@ -96,7 +96,9 @@ fi
 
 step "A job that needs 1 GPU now waits in the queue, in the background (at most 2 minutes)"
 # shellcheck disable=SC2016
-chg run --gpus 1 --wait 2m -- sh -c 'echo "queued job: got GPU(s) $CUDA_VISIBLE_DEVICES"' &
+printf '%s\n' "\$ canhazgpu run --gpus 1 --wait 2m -- sh -c 'echo \"queued job: got GPU(s) \$CUDA_VISIBLE_DEVICES\"' &"
+"$PYTHON" canhazgpu.py run --gpus 1 --wait 2m -- \
+  sh -c 'echo "queued job: got GPU(s) $CUDA_VISIBLE_DEVICES"' &  # not via chg: $! is canhazgpu
 waiter_pid=$!
 sleep 1.5
 
