@@ -2412,11 +2412,12 @@ def cmd_reserve(app):
 def cmd_run(app):
     """Reserve, run the command after `--` under supervision, release (SPEC §7)."""
     args, config = app.args, app.config
+    example = "example: canhazgpu run --gpus 1 -- python train.py"
+    if args.stray:
+        command = " ".join(args.stray)
+        raise UsageError(f"put the command after `--`: canhazgpu run -- {command}", hint=example)
     if not args.argv:
-        raise UsageError(
-            "`run` needs a command after `--`",
-            hint="example: canhazgpu run --gpus 1 -- python train.py",
-        )
+        raise UsageError("`run` needs a command after `--`", hint=example)
     req = request_from_args(app, "run")
     find_command(args.argv[0])
     Supervisor(
@@ -2831,6 +2832,7 @@ def build_parser():
         metavar="D",
         help="SIGKILL this long after the timeout signal (default 30s)",
     )
+    p.add_argument("stray", nargs="*", help=argparse.SUPPRESS)  # a command without `--`
 
     p = command(
         "reserve",

@@ -178,7 +178,7 @@ def test_stdout_belongs_to_the_command(cli, pool):
     assert "Reserved 1 GPU(s): [0] for command execution" in p.stderr
 
 
-@pytest.mark.parametrize("args", [[], ["--gpus", "1"], ["--"]])
+@pytest.mark.parametrize("args", [[], ["--gpus", "1"], ["--"], ["echo", "hi"]])
 def test_a_command_is_required(cli, pool, r, args):
     p = cli("run", *args)
     assert p.returncode == 2
@@ -276,11 +276,11 @@ def test_command_gets_a_clean_signal_state(cli, pool):
 
 
 def test_inherited_state_nohup_kept_hostile_undone(cli, pool):
-    """The caller ignores HUP (nohup), INT and CHLD, and blocks USR1: the command keeps
-    the ignored HUP only, and CHLD=SIG_IGN does not turn its status into 0."""
+    """The caller ignores HUP (nohup), INT and CHLD, and blocks USR1 and CHLD: the
+    command keeps the ignored HUP only, and run still learns its status."""
     wrapper = (
         "import os, signal, sys; "
-        "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1]); "
+        "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1, signal.SIGCHLD]); "
         "[signal.signal(s, signal.SIG_IGN) for s in "
         "(signal.SIGHUP, signal.SIGINT, signal.SIGCHLD)]; "
         "os.execv(sys.executable, sys.argv[1:])"
