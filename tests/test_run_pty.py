@@ -33,6 +33,7 @@ class Shell:
                 os._exit(127)
         self.pid, self.fd = pid, fd
         self.seen, self.pos = b"", 0
+        self.started = []  # pids of runs and probes, killed if a test fails before they end
         self.prompt()
 
     def type(self, text):
@@ -78,6 +79,11 @@ class Shell:
     def close(self):
         if self.fd is not None:
             self.hang_up()
+        for pid in self.started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -100,6 +106,7 @@ def ready(sh, foreground=True):
     group (or not)."""
     m = sh.expect(r"READY pid=(\d+) pgid=(\d+) ppid=(\d+) tty=(-?\d+)")
     probe, group, run, owner = map(int, m.groups())
+    sh.started += [run, probe]
     assert group == probe != run  # a group of its own
     assert (owner == group) == foreground
     return probe, run
