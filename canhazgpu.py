@@ -1652,7 +1652,547 @@ def warn(message):
 # Supervisor
 # ============================================================================
 #
-# `run` is designed in shared/design/run-supervision.md.  (Built by the `run` issue.)
+# `run` is designed in shared/design/run-supervision.md (the rule numbers below
+# are its).  canhazgpu stays the parent of the command for its whole life: the
+# command gets a process group of its own (and the terminal, when `run` is a job
+# of an interactive shell); every signal sent to `run` reaches that group once;
+# a heartbeat thread keeps the reservation alive; and when the command ends,
+# whatever it left behind is stopped before the GPUs are released.
+
+FORWARDED = (
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTERM,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGWINCH,
+)
+EXIT_TIMEOUT, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND = 124, 126, 127
+KILL_AFTER = 30.0  # default grace between the first signal and SIGKILL
+SIGKILL_PATIENCE = 10.0  # how long processes may take to vanish after SIGKILL
+RELEASE_PATIENCE = 10.0  # how long the final release is retried while Redis is away
+CLEANUP_POLL = 0.05  # leftovers that are not our children do not wake us when they die
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+
+
+def tell(text):
+    """A line of ours on stderr (stdout is the command's), unbuffered: after a hang-up
+    the terminal fails with EIO, which must neither stop us nor linger in a buffer
+    that fails again at exit."""
+    try:
+        os.write(2, text.encode(errors="replace") + b"\n")
+    except OSError:
+        pass
+
+
+def find_command(name):
+    """Rule 1: look `name` up the way execvp will, before anything is reserved."""
+    candidates = [name] if "/" in name else [os.path.join(d, name) for d in os.get_exec_path()]
+    problem = None
+    for path in candidates if name else ():
+        if os.path.isdir(path):
+            problem = problem or "is a directory"
+        elif os.path.exists(path):
+            if os.access(path, os.X_OK):
+                return
+            problem = problem or "Permission denied"
+    if problem:
+        raise CanhazError(f"{name}: {problem}", code=EXIT_NOT_EXECUTABLE)
+    missing = "No such file or directory" if "/" in name else "command not found"
+    raise CanhazError(f"{name}: {missing}", code=EXIT_NOT_FOUND)
+
+
+def linux_prctl():
+    """prctl(2) through ctypes, or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def controlling_tty():
+    """Our controlling terminal (also when stdin is redirected), or None."""
+    try:
+        return os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def die_of(sig):
+    """Die of `sig` with core dumps off, so that the caller sees WIFSIGNALED; exit
+    128+N if that signal cannot kill us."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+    try:
+        signal.signal(sig, signal.SIG_DFL)
+    except (OSError, ValueError):  # SIGKILL: its action cannot be changed, nor needs to be
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)
+
+
+class Heartbeat:
+    """Keeps a run's reservation alive from a thread of its own.
+
+    A Redis outage or restart never disturbs the command: the beat is retried and
+    the outage reported once (and its end).  A reservation taken away is reported
+    once.  When the beats were held up long enough for the reservation to expire
+    (we were stopped, or cut off from Redis), GPUs that did expire are taken back if
+    still free.  After SIGCONT it beats at once.
+    """
+
+    def __init__(self, pool, req, ids, interval, expiry):
+        import threading
+
+        self.pool, self.req, self.ids = pool, req, ids
+        self.interval, self.expiry = interval, expiry
+        self.lock = threading.Lock()  # held for a whole beat: stop() never cuts one in half
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name="heartbeat", daemon=True)
+        self.stopped = self.unreachable = False
+        self.last_beat = time.monotonic()  # the allocation was the first beat
+        self.lost = set()
+
+    def start(self):
+        self.thread.start()
+
+    def beat_now(self):
+        self.wake.set()
+
+    def stop(self):
+        """Wait for a beat in flight, then beat no more."""
+        with self.lock:
+            self.stopped = True
+        self.wake.set()
+
+    def loop(self):
+        while True:
+            self.wake.wait(self.interval)
+            self.wake.clear()
+            with self.lock:
+                if self.stopped:
+                    return
+                self.beat()
+
+    def beat(self):
+        # Half the expiry: the clocks of the hosts that expire reservations may run ahead.
+        overdue = time.monotonic() - self.last_beat > self.expiry / 2
+        try:
+            lost = set(self.pool.heartbeat(self.req.token, self.ids))
+        except Exception as e:  # this thread must outlive any failure: the command goes on
+            if not self.unreachable:
+                self.unreachable = True
+                tell(f"Warning: heartbeat failed: {e}; the command goes on, canhazgpu keeps trying")
+            return
+        self.last_beat = time.monotonic()
+        if self.unreachable:
+            self.unreachable = False
+            tell("canhazgpu: Redis answers again; the heartbeat goes on")
+        newly = lost - self.lost
+        if newly and overdue:
+            if self.reacquire(sorted(newly)):
+                lost -= newly
+        elif newly:
+            tell(
+                f"Warning: the reservation of GPU(s) {sorted(newly)} was taken away "
+                "(released or expired); the command goes on without it"
+            )
+        self.lost = lost
+
+    def reacquire(self, ids):
+        """Our reservation of `ids` expired while no beat went out: take the same GPUs
+        again if they are free.  `force`, as the memory used on them is our command's."""
+        again = Request("run", len(ids), ids=ids, note=self.req.note, user=self.req.user)
+        again.force, again.token = True, self.req.token  # one token: one final release
+        try:
+            count, name = self.pool.require()
+            ok = self.pool.allocate(again, name, count)["status"] == "ok"
+        except CanhazError:
+            ok = False
+        if ok:
+            tell(f"canhazgpu: GPU(s) {ids} expired while no heartbeat went out; reserved again")
+        else:
+            tell(
+                f"WARNING: the reservation of GPU(s) {ids} expired while no heartbeat went out, "
+                "and they are not free any more: the command goes on, on GPUs it does not hold"
+            )
+        return ok
+
+
+class Supervisor:
+    """One `run`: reserve, start the command, supervise it, clean up after it,
+    release, and end as the command ended (rules 1-12)."""
+
+    def __init__(self, app, req, argv, timeout, timeout_signal, kill_after):
+        self.app, self.req, self.argv = app, req, argv
+        self.timeout, self.timeout_signal, self.kill_after = timeout, timeout_signal, kill_after
+        self.pool = app.pool()
+        self.pending = []  # signals caught, for the main loop
+        self.popen = self.pid = self.pgid = self.status = self.tty = None
+        self.deadline = self.kill_at = None  # monotonic times of the timeout's two steps
+        self.timed_out = self.gave_terminal = self.group_gone = False
+
+    def run(self):
+        """Never returns: the process ends as the command did (rule 10)."""
+        _, self.provider = self.pool.require()
+        self.catch_signals()
+        self.ids = reserve_gpus(self.app, self.req)
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.caught)  # until the command runs
+        self.app.close()  # the provider's queries are done with: no stray children of ours
+        self.cancel_if_signalled()
+        tell(f"Reserved {len(self.ids)} GPU(s): {self.ids} for command execution")
+        try:
+            self.start()
+        except BaseException:
+            self.release()
+            raise
+        config = self.app.config
+        self.heartbeat = Heartbeat(
+            self.pool, self.req, self.ids, config["heartbeat.interval"], config["heartbeat.timeout"]
+        )
+        self.heartbeat.start()  # only now: a thread must not hold a lock across our fork
+        self.supervise()
+        self.clean_up()
+        self.reclaim_terminal()
+        self.heartbeat.stop()
+        self.release()
+        if self.timed_out:
+            os._exit(EXIT_TIMEOUT)
+        if os.WIFSIGNALED(self.status):
+            die_of(os.WTERMSIG(self.status))
+        os._exit(os.waitstatus_to_exitcode(self.status))
+
+    # -- signals
+
+    def catch_signals(self):
+        """Rule 2, before anything is reserved: our handlers in place, a signal the
+        caller ignored left ignored (nohup), except SIGCHLD: with SIG_IGN inherited the
+        kernel would reap the command and its status would be lost."""
+        ignored = {s for s in (*FORWARDED, signal.SIGTSTP) if signal.getsignal(s) == signal.SIG_IGN}
+        self.hup_ignored = signal.SIGHUP in ignored
+        forwarded = [s for s in FORWARDED if s not in ignored]
+        self.catch_tstp = signal.SIGTSTP not in ignored
+        self.caught = [*forwarded, signal.SIGCONT, signal.SIGCHLD]
+        if self.catch_tstp:
+            self.caught.append(signal.SIGTSTP)
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+        self.wakeup = read
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        for sig in (*forwarded, signal.SIGCONT, signal.SIGCHLD):
+            signal.signal(sig, self.caught_signal)  # SIGCHLD's also wakes the main loop
+        # SIGTSTP keeps its default until the command runs: ^Z while queued stops us.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.caught)
+
+    def caught_signal(self, signum, frame):
+        self.pending.append(signum)  # the wake-up fd wakes the main loop
+
+    def cancel_if_signalled(self):
+        """Rule 12, for the moment between the reservation and the fork (acquire()
+        covers the wait before): release and die of the signal, nothing runs.  Other
+        signals that came before the command are dropped: delivered at its start, a
+        SIGUSR1 would kill it before it could set up its handler."""
+        cancel = [s for s in self.pending if s in CANCEL_SIGNALS]
+        if cancel:
+            self.release()
+            die_of(cancel[0])
+        self.pending.clear()
+
+    def handle_signals(self):
+        """Rule 4: what is sent to us goes to the command's group, once, unchanged."""
+        while self.pending:
+            sig = self.pending.pop(0)
+            if sig == signal.SIGCONT:
+                self.resumed()
+            elif sig != signal.SIGCHLD:
+                self.signal_group(sig)
+
+    def signal_group(self, sig):
+        if not self.group_gone:  # a gone group's id may be reused: never signal it
+            try:
+                os.killpg(self.pgid, sig)
+            except OSError:  # no member left (ESRCH), or none we may signal
+                pass
+
+    # -- the command
+
+    def environment(self):
+        """CUDA_VISIBLE_DEVICES replaced (never added to), in ascending order.  On AMD,
+        ROCm filters by ROCR_VISIBLE_DEVICES first, and HIP's indices count within
+        what it left: HIP_VISIBLE_DEVICES is therefore 0..n-1."""
+        env = dict(os.environ)
+        ids = ",".join(map(str, sorted(self.ids)))
+        env["CUDA_VISIBLE_DEVICES"] = ids
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's numbering = nvidia-smi's
+        if self.provider == "amd":
+            env["ROCR_VISIBLE_DEVICES"] = ids
+            env["HIP_VISIBLE_DEVICES"] = ",".join(map(str, range(len(self.ids))))
+        env["CANHAZGPU_GPU_IDS"] = ids
+        return env
+
+    def start(self):
+        """Rule 3: fork the command into a process group of its own, with the terminal
+        when we are an interactive job (Decisions: Scripts), a parent-death signal, and
+        a clean signal state; then start the clock."""
+        import errno
+
+        env = self.environment()
+        self.tty = controlling_tty()
+        ours, parent = os.getpgrp(), os.getpid()
+        take = ours == parent and self.foreground() == ours
+        for sig in (signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)  # our terminal calls are made from the background
+        prctl = linux_prctl()
+        if prctl is not None:
+            prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # descendants that setsid away stay ours
+        defaults = [
+            s
+            for s in signal.valid_signals()
+            if s not in (signal.SIGKILL, signal.SIGSTOP)
+            and not (s == signal.SIGHUP and self.hup_ignored)
+        ]
+
+        def child():  # between fork and exec, with every signal we catch blocked
+            os.setpgid(0, 0)
+            if take:
+                os.tcsetpgrp(self.tty, os.getpgrp())
+            if prctl is not None:
+                prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+                if os.getppid() != parent:  # we died before the death signal was set
+                    os._exit(128 + signal.SIGTERM)
+            for sig in defaults:
+                try:
+                    signal.signal(sig, signal.SIG_DFL)
+                except (OSError, ValueError):
+                    pass
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+        try:
+            self.popen = subprocess.Popen(
+                self.argv, env=env, preexec_fn=child, close_fds=True, restore_signals=True
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            if take:
+                self.give_terminal(ours)  # the child may have taken it before exec failed
+            if isinstance(e, OSError):  # rule 1's codes, for a race or a shebang-less script
+                code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_NOT_EXECUTABLE
+                raise CanhazError(f"{self.argv[0]}: {e.strerror}", code=code) from None
+            raise CanhazError(f"cannot start {self.argv[0]}: {e}") from None
+        self.pid = self.pgid = self.popen.pid
+        self.gave_terminal = take
+        if self.timeout:
+            self.deadline = time.monotonic() + self.timeout
+        if self.catch_tstp:
+            signal.signal(signal.SIGTSTP, self.caught_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.caught)
+
+    def supervise(self):
+        """Forward signals, follow stops and continues, run the clock: until the
+        command exits."""
+        while self.status is None:
+            times = [t for t in (self.deadline, self.kill_at) if t is not None]
+            self.sleep(max(0.0, min(times) - time.monotonic()) if times else None)
+            self.handle_signals()
+            self.reap()
+            if self.status is None:
+                self.check_clock()
+
+    def sleep(self, seconds):
+        """Until a signal arrives (its handler writes the wake-up fd) or `seconds` pass."""
+        import select
+
+        select.select([self.wakeup], [], [], seconds)
+        try:
+            while os.read(self.wakeup, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def reap(self):
+        """Collect our children: the command's status or stop, and orphans that were
+        re-parented to us (no Popen but the command's is waiting, so -1 is safe)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid != self.pid:
+                continue
+            if os.WIFSTOPPED(status):
+                self.command_stopped(os.WSTOPSIG(status))
+            else:
+                self.status = status
+                self.popen.returncode = os.waitstatus_to_exitcode(status)  # no second wait
+
+    def check_clock(self):
+        """Rule 5: at the timeout the signal, then SIGCONT; SIGKILL after the grace."""
+        now = time.monotonic()
+        name = signal.Signals(self.timeout_signal).name
+        if self.deadline is not None and now >= self.deadline:
+            self.deadline, self.timed_out = None, True
+            self.kill_at = now + self.kill_after
+            tell(
+                f"canhazgpu: timeout: the command ran for {format_span(self.timeout)}; "
+                f"sending {name} to its process group"
+            )
+            self.signal_group(self.timeout_signal)
+            self.signal_group(signal.SIGCONT)
+        elif self.kill_at is not None and now >= self.kill_at:
+            self.kill_at = None
+            tell(
+                f"canhazgpu: the command is still running {format_span(self.kill_after)} "
+                f"after {name}; sending SIGKILL to its process group"
+            )
+            self.signal_group(signal.SIGKILL)
+
+    # -- job control and the terminal (rule 8)
+
+    def foreground(self):
+        """The terminal's foreground process group, or None."""
+        try:
+            return os.tcgetpgrp(self.tty) if self.tty is not None else None
+        except OSError:  # hung up
+            return None
+
+    def give_terminal(self, pgid):
+        try:
+            os.tcsetpgrp(self.tty, pgid)
+        except OSError:
+            pass
+
+    def command_stopped(self, sig):
+        """A command stopped for the terminal while our group holds it gets it, and
+        goes on (`run -- vim` from a script).  Otherwise we take the terminal back and
+        stop our own job, so that its shell shows the prompt; `fg` continues both."""
+        ours = os.getpgrp()
+        fg = self.foreground()
+        if sig in (signal.SIGTTIN, signal.SIGTTOU) and fg == ours:
+            self.gave_terminal = True
+            self.give_terminal(self.pgid)
+            self.signal_group(signal.SIGCONT)
+            return
+        if fg == self.pgid:
+            self.give_terminal(ours)
+        if self.tty is not None and self.shell_above():
+            os.killpg(ours, signal.SIGSTOP)  # SIGSTOP: a SIGTSTP could be discarded
+
+    def shell_above(self):
+        """Whether a job-control shell can continue our group: the first ancestor
+        outside it is in our session (the group is not orphaned).  Otherwise a stop
+        of ours would last for ever, so we keep supervising the stopped command."""
+        import psutil
+
+        ours, session = os.getpgrp(), os.getsid(0)
+        try:
+            proc = psutil.Process().parent()
+            while proc is not None and os.getpgid(proc.pid) == ours:
+                proc = proc.parent()
+            return proc is not None and os.getsid(proc.pid) == session
+        except (OSError, psutil.Error):
+            return False
+
+    def resumed(self):
+        """SIGCONT (`fg`, `bg`): heartbeat at once; the terminal back to the command if
+        we are the foreground again (as sudo does); then continue its group."""
+        self.heartbeat.beat_now()
+        if self.gave_terminal and self.foreground() == os.getpgrp():
+            self.give_terminal(self.pgid)
+        self.signal_group(signal.SIGCONT)
+
+    def reclaim_terminal(self):
+        """Before we exit the terminal goes back to our group: a calling script must
+        not find itself in the background."""
+        if self.foreground() == self.pgid:
+            self.give_terminal(os.getpgrp())
+
+    # -- the end
+
+    def clean_up(self):
+        """Rules 6 and 11: what the command left (its group, and descendants that left
+        the group and were re-parented to us) gets SIGTERM and SIGCONT, SIGKILL after
+        the grace; the GPUs are released only when all of it is gone.  After a
+        timeout the grace is what remains of --kill-after."""
+        now = time.monotonic()
+        kill_at = (self.kill_at or now) if self.timed_out else now + self.kill_after
+        termed, killed_at = set(), None
+        while True:
+            self.handle_signals()
+            self.reap()
+            left = self.leftovers()
+            if not left:
+                break
+            now = time.monotonic()
+            if killed_at is None and now >= kill_at:
+                killed_at = now
+                tell(f"canhazgpu: sending SIGKILL to {len(left)} process(es) still running")
+            if killed_at is not None:
+                if now - killed_at > SIGKILL_PATIENCE:
+                    tell(f"Warning: process(es) {left} survived SIGKILL; releasing the GPUs anyway")
+                    break
+                self.signal_each(left, signal.SIGKILL)
+            else:  # each gets one SIGTERM, also those forked or re-parented meanwhile
+                new = [p for p in left if p not in termed]
+                if new and not termed:
+                    tell(
+                        f"canhazgpu: the command left {len(new)} process(es) behind; "
+                        f"sending SIGTERM (SIGKILL after {format_span(kill_at - now)})"
+                    )
+                self.signal_each(new, signal.SIGTERM)
+                self.signal_each(new, signal.SIGCONT)
+                termed.update(new)
+            self.sleep(CLEANUP_POLL)
+        self.group_gone = True
+
+    def leftovers(self):
+        """Live processes that the command left: as their subreaper we are the
+        ancestor of all of them, its group's members included."""
+        import psutil
+
+        live = []
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    live.append(proc.pid)
+            except psutil.Error:
+                pass
+        return live
+
+    @staticmethod
+    def signal_each(pids, sig):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+    def release(self):
+        """Rule 11: synchronously, before we exit; retried while Redis is briefly away."""
+        give_up = time.monotonic() + RELEASE_PATIENCE
+        while True:
+            try:
+                self.pool.release(token=self.req.token)
+                return
+            except CanhazError as e:
+                if time.monotonic() >= give_up:
+                    timeout = format_span(self.app.config["heartbeat.timeout"])
+                    tell(
+                        f"Warning: could not release GPU(s) {self.ids}: {e}; "
+                        f"they become free when their heartbeat expires ({timeout})"
+                    )
+                    return
+                time.sleep(0.5)
 
 
 # ============================================================================
@@ -1932,6 +2472,27 @@ def cmd_reserve(app):
         say(f"Reserved {len(gpus)} GPU(s): {gpus} for {format_duration(req.duration)}")
         say(f"export CUDA_VISIBLE_DEVICES={ids}")
     return 0
+
+
+def cmd_run(app):
+    """Reserve, run the command after `--` under supervision, release (SPEC §7)."""
+    args, config = app.args, app.config
+    example = "example: canhazgpu run --gpus 1 -- python train.py"
+    if args.stray:
+        command = " ".join(args.stray)
+        raise UsageError(f"put the command after `--`: canhazgpu run -- {command}", hint=example)
+    if not args.argv:
+        raise UsageError("`run` needs a command after `--`", hint=example)
+    req = request_from_args(app, "run")
+    find_command(args.argv[0])
+    Supervisor(
+        app,
+        req,
+        args.argv,
+        timeout=args.timeout or config["run.timeout"],
+        timeout_signal=args.signal or config["run.signal"] or signal.SIGINT,
+        kill_after=args.kill_after or config["run.kill_after"] or KILL_AFTER,
+    ).run()
 
 
 def cmd_release(app):
@@ -3535,7 +4096,7 @@ def build_parser():
 
     p = command(
         "run",
-        None,
+        cmd_run,
         "reserve GPUs, run a command on them, release them when it ends",
         examples(
             "canhazgpu run --gpus 2 -- python train.py",
@@ -3563,6 +4124,7 @@ def build_parser():
         metavar="D",
         help="SIGKILL this long after the timeout signal (default 30s)",
     )
+    p.add_argument("stray", nargs="*", help=argparse.SUPPRESS)  # a command without `--`
 
     p = command(
         "reserve",
