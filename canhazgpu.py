@@ -51,6 +51,20 @@ class UsageError(CanhazError):
         super().__init__(message, hint, code=2)
 
 
+def tell(text):
+    """A line of ours on stderr (stdout is the command's), unbuffered: after a hang-up
+    the terminal fails with EIO, which must neither stop us nor linger in a buffer
+    that fails again at exit."""
+    try:
+        os.write(2, text.encode(errors="replace") + b"\n")
+    except OSError:
+        pass
+
+
+def warn(message):
+    tell(f"Warning: {message}")
+
+
 # Every setting: config key -> (kind, built-in default, environment variable).
 SETTINGS = {
     "redis.url": ("url", None, "CANHAZGPU_REDIS_URL"),
@@ -1275,6 +1289,8 @@ def model_info(model):
 
 def inspect_processes(usages):
     """Fill in each GPU process's owner and model (from it or up to 3 parents)."""
+    if not any(gpu.processes for gpu in usages.values()):
+        return  # idle GPUs: spare every command the import of psutil
     psutil = require_module("psutil", "python3-psutil")
 
     for gpu in usages.values():
@@ -1487,15 +1503,6 @@ class CancelOnSignals:
         return False
 
 
-def die_of_signal(signum):
-    """End this process by `signum`, so the caller sees WIFSIGNALED (exit 128+N at worst)."""
-    sys.stderr.flush()
-    signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
-    os.kill(os.getpid(), signum)
-    os._exit(128 + signum)
-
-
 def acquire(pool, req, block=True, wait=None, progress=None):
     """Reserve now, or wait in the FCFS queue until the request is met.
 
@@ -1639,15 +1646,6 @@ def allocation_error(reply, req, count):
     )
 
 
-def warn(message):
-    """One line on stderr; a dead terminal (EIO, EPIPE) must not stop us."""
-    try:
-        sys.stderr.write(f"Warning: {message}\n")
-        sys.stderr.flush()
-    except OSError:
-        pass
-
-
 # ============================================================================
 # Supervisor
 # ============================================================================
@@ -1675,16 +1673,6 @@ SIGKILL_PATIENCE = 10.0  # how long processes may take to vanish after SIGKILL
 RELEASE_PATIENCE = 10.0  # how long the final release is retried while Redis is away
 CLEANUP_POLL = 0.05  # leftovers that are not our children do not wake us when they die
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
-
-
-def tell(text):
-    """A line of ours on stderr (stdout is the command's), unbuffered: after a hang-up
-    the terminal fails with EIO, which must neither stop us nor linger in a buffer
-    that fails again at exit."""
-    try:
-        os.write(2, text.encode(errors="replace") + b"\n")
-    except OSError:
-        pass
 
 
 def find_command(name):
@@ -1729,6 +1717,10 @@ def die_of(sig):
     128+N if that signal cannot kill us."""
     import resource
 
+    try:
+        sys.stderr.flush()
+    except OSError:  # a dead terminal
+        pass
     hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
     resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
     try:
@@ -3194,7 +3186,8 @@ class DemoStore:
                 "last_heartbeat": now,
             },
         ]
-        raws = [json.dumps({k: v for k, v in s.items() if v}) if s else False for s in states]
+        # An absent key comes back as None, as redis-py returns the script's false.
+        raws = [json.dumps({k: v for k, v in s.items() if v}) if s else None for s in states]
         return [len(states), "nvidia", raws, [json.dumps(q) for q in queue]]
 
 
@@ -4125,6 +4118,7 @@ def build_parser():
         help="SIGKILL this long after the timeout signal (default 30s)",
     )
     p.add_argument("stray", nargs="*", help=argparse.SUPPRESS)  # a command without `--`
+    p.usage = p.format_usage()[len("usage: ") :].rstrip() + " -- COMMAND [ARG ...]"
 
     p = command(
         "reserve",
@@ -4281,7 +4275,7 @@ def main(argv=None):
     except Interrupted as e:
         if app is not None:
             app.close()
-        die_of_signal(e.signum)
+        die_of(e.signum)
     except KeyboardInterrupt:
         return 130
     finally:
@@ -4294,13 +4288,9 @@ def report_error(error, args):
         import traceback
 
         traceback.print_exc()
-    try:
-        sys.stderr.write(f"Error: {error}\n")
-        if error.hint:
-            sys.stderr.write(f"Hint: {error.hint}\n")
-        sys.stderr.flush()
-    except OSError:
-        pass
+    tell(f"Error: {error}")
+    if error.hint:
+        tell(f"Hint: {error.hint}")
 
 
 if __name__ == "__main__":
