@@ -157,8 +157,12 @@ def test_ctrl_z_bg_then_fg(shell):
     shell.expect("Stopped")
     shell.prompt()
     shell.line("bg")
-    wait_for(lambda: proc_state(run) == "T", what="run to stop again (SIGTTIN)")
-    assert proc_state(probe) == "T"
+    shell.expect(r"\[1\]\+ [^\r\n]*&\r\n")  # bash has continued the job: both ran again
+    shell.expect("Stopped")  # set -b: the job stopped again (SIGTTIN) and bash said so
+    wait_for(
+        lambda: proc_state(run) == "T" and proc_state(probe) == "T",
+        what="run and the command to stop again (SIGTTIN)",
+    )
     shell.line("fg")
     shell.line("exit 6")
     shell.expect(r"COUNTS SIGCONT=\d\r\n")
