@@ -2593,7 +2593,8 @@ def cmd_report(app):
         say(json.dumps(report, indent=2))
         return 0
     say("=== GPU Reservation Report ===")
-    say(f"Period: {report['start_date'][:10]} to {report['end_date'][:10]} ({days} days)")
+    span = f"{days} day" + ("s" if days != 1 else "")
+    say(f"Period: {report['start_date'][:10]} to {report['end_date'][:10]} ({span})")
     say()
     rule = "-" * 75
     say(f"{'User':<20} {'GPU Hours':>14} {'Percentage':>15} {'Run':>10} {'Manual':>10}")
