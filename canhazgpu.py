@@ -2663,7 +2663,7 @@ def cmd_queue(app):
         rows.append(
             [
                 str(e["position"]),
-                e["user"] or "?",
+                display_user(e) if e["user"] else "?",
                 requested,
                 ",".join(map(str, e["allocated_gpus"])) or "-",
                 (e["reservation_type"] or "run").upper(),
@@ -3962,7 +3962,13 @@ def add_global_options(parser, suppress):
         type=arg_type("url", "URL"),
         help="redis://[:password@]host:port/db, rediss://... or unix:///path",
     )
-    g.add_argument("--redis-host", metavar="HOST", default=default, help="Redis host (localhost)")
+    g.add_argument(
+        "--redis-host",
+        metavar="HOST",
+        default=default,
+        type=arg_type("str", "host"),
+        help="Redis host (localhost)",
+    )
     g.add_argument(
         "--redis-port",
         metavar="N",

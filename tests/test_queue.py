@@ -672,7 +672,7 @@ def test_queue_command_table_and_json(cli, r, pool, waiters):
     lines = cli("queue", check=True).stdout.splitlines()
     assert lines[0].split() == ["POS", "USER", "REQUESTED", "GATHERED", "TYPE", "WAITING"]
     assert lines[1].split()[:8] == ["1", "gopher", "1", "GPU(s)", "0", "MANUAL", "1h", "1m"]
-    assert lines[2].split()[:6] == ["2", "alice", "2", "GPU(s)", "2", "MANUAL"]
+    assert lines[2].split()[:7] == ["2", ME, "(alice)", "2", "GPU(s)", "2", "MANUAL"]
     assert lines[3].split()[:5] == ["3", ME, "GPUs", "1,3", "-"]
     assert lines[4] == "Total: 3 waiting"
 
