@@ -2851,45 +2851,26 @@ class Site:
                 for s in STATUS_STATES
             ],
         )
-        mib = 1024 * 1024
-        out.add(
-            "canhazgpu_gpu_memory_used_bytes",
-            "gauge",
-            "GPU memory in use.",
-            [
-                ({"gpu": r["gpu_id"]}, r["memory_mb"] * mib)
-                for r in rows
-                if r.get("memory_mb") is not None
-            ],
-        )
-        out.add(
-            "canhazgpu_gpu_memory_total_bytes",
-            "gauge",
-            "GPU memory in all.",
-            [
-                ({"gpu": r["gpu_id"]}, r["memory_total_mb"] * mib)
-                for r in rows
-                if r.get("memory_total_mb") is not None
-            ],
-        )
+        for what, field, help in (
+            ("used", "memory_mb", "GPU memory in use."),
+            ("total", "memory_total_mb", "GPU memory in all."),
+        ):
+            samples = [
+                ({"gpu": r["gpu_id"]}, r[field] * 2**20) for r in rows if r.get(field) is not None
+            ]
+            out.add(f"canhazgpu_gpu_memory_{what}_bytes", "gauge", help, samples)
         held, unreserved = {}, {}
         for r in rows:
             if r["status"] == "IN_USE":
                 held[r["user"]] = held.get(r["user"], 0) + 1
             for user in r.get("unreserved_users", ()):
                 unreserved[user] = unreserved.get(user, 0) + 1
-        out.add(
-            "canhazgpu_user_reserved_gpus",
-            "gauge",
-            "GPUs each user holds a reservation on.",
-            [({"user": u}, n) for u, n in sorted(held.items())],
-        )
-        out.add(
-            "canhazgpu_user_unreserved_gpus",
-            "gauge",
-            "GPUs each user's processes use without a reservation.",
-            [({"user": u}, n) for u, n in sorted(unreserved.items())],
-        )
+        for name, counts, help in (
+            ("reserved", held, "GPUs each user holds a reservation on."),
+            ("unreserved", unreserved, "GPUs each user's processes use without a reservation."),
+        ):
+            samples = [({"user": u}, n) for u, n in sorted(counts.items())]
+            out.add(f"canhazgpu_user_{name}_gpus", "gauge", help, samples)
         out.add(
             "canhazgpu_queue_length",
             "gauge",
