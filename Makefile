@@ -1,15 +1,21 @@
 # canhazgpu: `make demo` to try it, `make test` to check it.
 PYTHON ?= python3
-# Python modules the tests need (each is also its pip name).
-PY_DEPS := redis psutil fakeredis lupa pytest hypothesis ruff
+# Python modules canhazgpu needs to run, and those the tests add (each is also its pip name).
+PY_RUNTIME := redis psutil
+PY_DEPS := $(PY_RUNTIME) fakeredis lupa pytest hypothesis ruff
 
-.PHONY: all deps test lint format demo clean
+.PHONY: all deps runtime-deps test lint format demo clean
 .PHONY: shell-deps packaging-deps install uninstall man
 
 all: test
 
 # Idempotent: installs only what is missing, so a second run takes a fraction of a second.
+# `make demo` needs only redis-server and the runtime packages (runtime-deps); the
+# shells, Chromium and Debian's Python packages are for the tests.
 deps: shell-deps packaging-deps
+	@$(MAKE) --no-print-directory runtime-deps PY_RUNTIME="$(PY_DEPS)"
+
+runtime-deps:
 	@if ! command -v redis-server >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "Installing redis-server (apt-get)"; \
@@ -19,7 +25,7 @@ deps: shell-deps packaging-deps
 	    exit 1; \
 	  fi; \
 	fi
-	@missing=$$($(PYTHON) -c 'import importlib.util, sys; print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' $(PY_DEPS)); \
+	@missing=$$($(PYTHON) -c 'import importlib.util, sys; print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' $(PY_RUNTIME)); \
 	if [ -n "$$missing" ]; then \
 	  if ! $(PYTHON) -m pip --version >/dev/null 2>&1; then \
 	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -61,7 +67,7 @@ lint: deps
 format: deps
 	$(PYTHON) -m ruff format .
 
-demo: deps
+demo: runtime-deps
 	PYTHON=$(PYTHON) bash demo.sh
 
 clean:

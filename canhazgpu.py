@@ -28,6 +28,19 @@ import sys
 import time
 import uuid
 
+
+def quiet_interrupts():
+    """Until a command puts its own handlers in place, Ctrl-C ends canhazgpu as it
+    ends any program (it dies of SIGINT, nothing is reserved yet), not with a
+    KeyboardInterrupt traceback from whatever Python was importing (redis-py takes
+    a fifth of a second).  A SIGINT the caller ignored (a background job) stays so."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+if __name__ == "__main__":  # as early as the script can: before any definition below
+    quiet_interrupts()
+
 __version__ = "0.1.0"
 PROG = "canhazgpu"
 
@@ -54,18 +67,30 @@ class UsageError(CanhazError):
 def tell(text):
     """A line of ours on stderr (stdout is the command's), unbuffered: after a hang-up
     the terminal fails with EIO, which must neither stop us nor linger in a buffer
-    that fails again at exit."""
+    that fails again at exit.  Names and notes in it are other users' text: printable()."""
     try:
-        os.write(2, text.encode(errors="replace") + b"\n")
+        os.write(2, printable(text).encode(errors="replace") + b"\n")
     except OSError:
         pass
+
+
+# C0 and C1 controls (escape sequences, newlines, backspaces) and the bidi overrides
+# that make text read other than it is: never sent raw to a terminal.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text):
+    """Text that came from users or processes, safe for someone else's terminal:
+    `\x1b]0;...` is shown as those characters, a newline in a note as `\n`."""
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(text))
 
 
 def warn(message):
     tell(f"Warning: {message}")
 
 
-# Every setting: config key -> (kind, built-in default, environment variable).
+# Every setting: config key -> (kind, built-in default, environment variable).  The
+# defaults live here alone: help texts and `Config` take them from this table.
 SETTINGS = {
     "redis.url": ("url", None, "CANHAZGPU_REDIS_URL"),
     "redis.host": ("str", "localhost", "CANHAZGPU_REDIS_HOST"),
@@ -75,26 +100,29 @@ SETTINGS = {
     "heartbeat.interval": ("duration", 60.0, "CANHAZGPU_HEARTBEAT_INTERVAL"),
     "heartbeat.timeout": ("duration", 900.0, "CANHAZGPU_HEARTBEAT_TIMEOUT"),
     "queue.heartbeat_timeout": ("duration", 120.0, "CANHAZGPU_QUEUE_HEARTBEAT_TIMEOUT"),
-    "run.gpus": ("count", None, None),
+    "run.gpus": ("count", 1, None),
     "run.timeout": ("duration", None, None),
-    "run.signal": ("signal", None, None),
-    "run.kill_after": ("duration", None, None),
+    "run.signal": ("signal", int(signal.SIGINT), None),
+    "run.kill_after": ("duration", 30.0, None),
     "run.wait": ("duration", None, None),
-    "reserve.gpus": ("count", None, None),
-    "reserve.duration": ("duration", None, None),
+    "reserve.gpus": ("count", 1, None),
+    "reserve.duration": ("duration", 8 * 3600.0, None),
     "reserve.wait": ("duration", None, None),
-    "report.days": ("days", None, None),
-    "web.host": ("str", None, None),
-    "web.port": ("port", None, None),
+    "report.days": ("days", 30, None),
+    "web.host": ("str", "0.0.0.0", None),
+    "web.port": ("port", 8080, None),
 }
-# The Go implementation's flat config keys, so one file can serve both.
-GO_KEYS = {
+# Settings that are also global options (--redis-url): their names are also the Go
+# implementation's flat config keys, so one file can serve both.
+GLOBAL_OPTIONS = {
     "redis-url": "redis.url",
     "redis-host": "redis.host",
     "redis-port": "redis.port",
     "redis-db": "redis.db",
     "memory-threshold": "memory.threshold",
 }
+ADDRESS_KEYS = ("redis.url", "redis.host", "redis.port", "redis.db")
+BUILT_IN = "the built-in default"
 USER_CONFIGS = ("~/.canhazgpu.yaml", "~/.canhazgpu.yml", "~/.canhazgpu.json", "~/.canhazgpu.toml")
 SYSTEM_CONFIGS = (
     "/etc/canhazgpu/config.toml",
@@ -114,6 +142,8 @@ def convert_setting(kind, value):
     if kind in ("str", "url"):
         if not isinstance(value, str) or not value.strip():
             raise ValueError("expected a non-empty string")
+        if kind == "url":
+            RedisAddress().apply_url(value.strip(), None)  # raises ValueError if malformed
         return value.strip()
     if isinstance(value, bool):
         raise ValueError("expected a whole number")
@@ -191,7 +221,7 @@ def read_config_file(path):
 def flatten_config(doc, path, prefix=""):
     flat = {}
     for key, value in doc.items():
-        name = GO_KEYS.get(prefix + str(key), prefix + str(key).replace("-", "_"))
+        name = GLOBAL_OPTIONS.get(prefix + str(key), prefix + str(key).replace("-", "_"))
         if isinstance(value, dict):
             flat.update(flatten_config(value, path, name + "."))
         elif name in SETTINGS:
@@ -204,34 +234,151 @@ def flatten_config(doc, path, prefix=""):
     return flat
 
 
-class Config:
-    """Settings resolved by precedence: flag > environment > user file > system file > default."""
+def redacted(url):
+    """A Redis URL as it may be shown: never with its password, which may hold '@' and
+    '/' (so the userinfo runs to the last '@'), or come as a ?password= argument."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, tail = rest.rpartition("@")
+    if sep and at and ":" in userinfo:
+        url = f"{scheme}://{userinfo.split(':', 1)[0]}:***@{tail}"
+    return re.sub(r"(?<=[?&]password=)[^&#]*", "***", url, flags=re.I)
 
-    def __init__(self, values):
-        self.values = values
+
+class RedisAddress:
+    """Where Redis is, put together by precedence part by part: a URL names a whole
+    address (its missing parts are the defaults), and a host, port or db from a
+    higher source replaces only that part, so `--redis-host` keeps a URL's port."""
+
+    def __init__(self):
+        self.scheme, self.userinfo = "redis", ""
+        self.host, self.port, self.db = "localhost", 6379, 0
+        self.socket = self.query = ""  # the path of a unix:// URL; URL options kept as given
+        self.origins = {}  # part -> where it was set
+
+    def apply_url(self, url, where):
+        m = re.fullmatch(r"(rediss?|unix)://(.*)", url, re.I | re.S)
+        if not m:
+            raise ValueError(f"expected redis://, rediss:// or unix://, got {redacted(url)!r}")
+        scheme, rest = m.group(1).lower(), m.group(2)
+        # A password may hold '@' and '/': the userinfo runs to the last '@'.
+        userinfo, _, rest = rest.rpartition("@")
+        rest, _, query = rest.partition("?")
+        host, port, db, socket = "localhost", 6379, 0, ""
+        if scheme == "unix":
+            if not rest.startswith("/"):
+                raise ValueError(f"a unix:// URL needs the socket's path, got {redacted(url)!r}")
+            socket = rest
+        else:
+            hostport, _, path = rest.partition("/")
+            if hostport.startswith("["):  # [::1]:6379
+                host, _, tail = hostport[1:].partition("]")
+                port_text = tail[1:] if tail.startswith(":") else ""
+            else:
+                host, _, port_text = hostport.partition(":")
+            host = host or "localhost"
+            port = convert_setting("port", port_text) if port_text else 6379
+            db = convert_setting("count0", path.strip("/")) if path.strip("/") else 0
+        for option in query.split("&"):  # ?db=N, as redis-py reads it, beats the path
+            if option.lower().startswith("db="):
+                db = convert_setting("count0", option[3:])
+        self.scheme, self.userinfo, self.host, self.port, self.db = scheme, userinfo, host, port, db
+        self.socket, self.query = socket, query
+        self.origins = {"url": where}
+
+    def apply(self, key, value, where):
+        """redis.host, redis.port or redis.db from a source above the URL's."""
+        part = key.split(".")[1]
+        setattr(self, part, value)
+        if part != "db" and self.scheme == "unix":  # a host or port means TCP
+            self.scheme, self.socket = "redis", ""
+            self.host = self.host if part == "host" else "localhost"
+        self.origins[part] = where
+
+    def url(self):
+        """The URL for redis-py, its userinfo percent-encoded (redis-py decodes it)."""
+        from urllib.parse import quote
+
+        auth = ""
+        if self.userinfo:
+            user, colon, password = self.userinfo.partition(":")
+            safe = "%!$&'()*+,;=-._~"
+            auth = quote(user, safe=safe) + colon + quote(password, safe=safe) + "@"
+        query = [q for q in self.query.split("&") if q and not q.lower().startswith("db=")]
+        if self.scheme == "unix":
+            return f"unix://{auth}{self.socket}?" + "&".join([*query, f"db={self.db}"])
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        tail = "?" + "&".join(query) if query else ""
+        return f"{self.scheme}://{auth}{host}:{self.port}/{self.db}{tail}"
+
+    def origin(self):
+        """Which sources set the address, for messages: 'from --redis-port and ...'."""
+        named = sorted({w for w in self.origins.values() if w})
+        return "from " + " and ".join(named) if named else f"from {BUILT_IN}"
+
+
+class Config:
+    """Settings resolved by precedence: command line > environment > user file >
+    system file > built-in default.  Each value remembers where it came from, so a
+    message can name the flag, the variable or the file and key."""
+
+    def __init__(self, layers):
+        self.layers = layers  # lowest first: [{key: (value, where)}]
+        self.values, self.sources = {}, {}
+        for layer in layers:
+            for key, (value, where) in layer.items():
+                self.values[key], self.sources[key] = value, where
+        self._check()
 
     def __getitem__(self, key):
         return self.values[key]
 
+    def source(self, key):
+        return self.sources[key]
+
+    def given(self, key):
+        """Whether anything but the built-in default set `key`."""
+        return self.sources[key] != BUILT_IN
+
+    def redis_address(self):
+        address = RedisAddress()
+        for layer in self.layers[1:]:
+            if "redis.url" in layer:
+                address.apply_url(*layer["redis.url"])
+            for key in ADDRESS_KEYS[1:]:
+                if key in layer:
+                    address.apply(key, *layer[key])
+        return address
+
     @classmethod
-    def load(cls, explicit_path=None, environ=None):
+    def load(cls, explicit_path=None, environ=None, flags=None):
+        """flags: {key: (value, '--flag')} from the command line, already converted."""
         environ = os.environ if environ is None else environ
-        values = {key: default for key, (_, default, _) in SETTINGS.items()}
-        explicit_path = explicit_path or environ.get("CANHAZGPU_CONFIG")
+        layers = [{key: (default, BUILT_IN) for key, (_, default, _) in SETTINGS.items()}]
+        for path in cls.files(explicit_path or environ.get("CANHAZGPU_CONFIG")):
+            layer = {}
+            for key, raw in read_config_file(path).items():
+                where = f"config file {path}: {key}"
+                layer[key] = (cls._convert(key, raw, where), where)
+            layers.append(layer)
+        layers.append(
+            {
+                key: (cls._convert(key, environ[env], env), env)
+                for key, (_, _, env) in SETTINGS.items()
+                if env and environ.get(env, "") != ""
+            }
+        )
+        layers.append(dict(flags or {}))
+        return cls(layers)
+
+    @staticmethod
+    def files(explicit_path):
+        """The config files to read, lowest precedence first."""
         if explicit_path:
-            files = [explicit_path]
             if not os.path.exists(explicit_path):
                 raise UsageError(f"config file {explicit_path} does not exist")
-        else:
-            files = [p for p in SYSTEM_CONFIGS if os.path.exists(p)][:1]
-            files += [p for p in map(os.path.expanduser, USER_CONFIGS) if os.path.exists(p)][:1]
-        for path in files:
-            for key, raw in read_config_file(path).items():
-                values[key] = cls._convert(key, raw, f"config file {path}: {key}")
-        for key, (_, _, env) in SETTINGS.items():
-            if env and environ.get(env, "") != "":
-                values[key] = cls._convert(key, environ[env], env)
-        return cls(values)
+            return [explicit_path]
+        files = [p for p in SYSTEM_CONFIGS if os.path.exists(p)][:1]
+        return files + [p for p in map(os.path.expanduser, USER_CONFIGS) if os.path.exists(p)][:1]
 
     @staticmethod
     def _convert(key, raw, where):
@@ -239,6 +386,18 @@ class Config:
             return convert_setting(SETTINGS[key][0], raw)
         except ValueError as e:
             raise UsageError(f"{where}: {e}") from None
+
+    def _check(self):
+        """A run's reservation expires by the timeout it was made under; one late beat
+        must not end it, so the timeout spans at least two intervals."""
+        interval, timeout = self["heartbeat.interval"], self["heartbeat.timeout"]
+        if timeout < 2 * interval:
+            raise UsageError(
+                f"heartbeat.timeout {format_span(timeout)} (from "
+                f"{self.source('heartbeat.timeout')}) must be at least twice heartbeat.interval "
+                f"{format_span(interval)} (from {self.source('heartbeat.interval')})",
+                hint="raise the timeout or shorten the interval",
+            )
 
 
 def current_user():
@@ -459,7 +618,9 @@ local function free(i)
   local st = S[i]
   if held(st) then
     local start = ts(st.start_time) or NOW
-    redis.call('ZADD', P .. 'usage_history_sorted', NOW, enc({
+    -- Scored in whole seconds, as the Go tool reads up to the current whole second;
+    -- the record keeps the exact times.
+    redis.call('ZADD', P .. 'usage_history_sorted', math.floor(NOW), enc({
       user = st.user, actual_user = st.actual_user, gpu_id = i, start_time = start,
       end_time = NOW, duration_seconds = math.max(0, NOW - start),
       reservation_type = str(st.type) and st.type or 'run'}))
@@ -485,7 +646,7 @@ local function load_queue()
   for _, qid in ipairs(redis.call('ZRANGE', P .. 'queue', 0, -1)) do
     local e = decode(redis.call('GET', P .. 'queue:entry:' .. qid))
     local hb = e and (ts(e.last_heartbeat) or ts(e.enqueue_time))
-    if hb and NOW - hb <= A.queue_timeout then
+    if hb and NOW - hb <= (tonumber(e.heartbeat_timeout) or A.defaults.queue_timeout) then
       Q[#Q + 1] = {qid = qid, e = e}
       LIVE[qid] = e
     else
@@ -494,7 +655,10 @@ local function load_queue()
   end
 end
 
--- Expired reservations end here, in every script that reads the pool.
+-- Expired reservations end here, in every script that reads the pool: each run by
+-- the heartbeat timeout it was made under (stored on it; the built-in default for a
+-- record without one, as the Go tool writes), never by the caller's own setting,
+-- which would let one user's short timeout end another user's live run.
 local function expire_pool()
   for i = 0, N - 1 do
     local st = S[i]
@@ -508,11 +672,18 @@ local function expire_pool()
         dead = e ~= nil and e <= NOW
       else
         local hb = ts(st.last_heartbeat) or ts(st.start_time)
-        dead = hb ~= nil and NOW - hb > A.heartbeat_timeout
+        local limit = tonumber(st.heartbeat_timeout) or A.defaults.heartbeat_timeout
+        dead = hb ~= nil and NOW - hb > limit
       end
       if dead then free(i) end
     end
   end
+end
+
+-- A run's GPU carries the heartbeat terms of the client that beats it.
+local function heartbeat_terms(st)
+  st.heartbeat_interval = A.heartbeat.interval
+  st.heartbeat_timeout = A.heartbeat.timeout
 end
 
 local function settle()
@@ -684,7 +855,8 @@ local function grant(i, who, qid)
     host = who.host, pid = who.pid}
   if str(who.note) then st.note = who.note end
   if qid then st.partial_queue_id = qid
-  elseif who.type == 'manual' then st.expiry_time = NOW + who.duration end
+  elseif who.type == 'manual' then st.expiry_time = NOW + who.duration
+  else heartbeat_terms(st) end
   put(i, st)
 end
 
@@ -781,7 +953,7 @@ local function complete(qid, have, req)
     st.partial_queue_id = nil
     st.last_heartbeat = NOW
     st.reservation_id = R.token
-    if req.type == 'manual' then st.expiry_time = NOW + req.duration end
+    if req.type == 'manual' then st.expiry_time = NOW + req.duration else heartbeat_terms(st) end
     put(i, st)
   end
   redis.call('ZREM', P .. 'queue', qid)
@@ -859,7 +1031,7 @@ end
 local e = {id = R.new_entry, user = R.user, actual_user = R.actual_user,
   requested_count = R.count, allocated_gpus = {}, reservation_type = R.type,
   enqueue_time = NOW, last_heartbeat = NOW, reservation_id = R.token, host = R.host,
-  pid = R.pid}
+  pid = R.pid, heartbeat_timeout = A.queue_timeout}
 if #req.ids > 0 then e.requested_ids = req.ids end
 if R.type == 'manual' then e.expiry_duration = math.floor(R.duration * 1e9 + 0.5) end
 if str(R.note) then e.note = R.note end
@@ -886,13 +1058,6 @@ def require_module(name, debian_package):
         ) from None
 
 
-def redacted(url):
-    """A Redis URL as it may be shown: never with its password (which may hold '@',
-    and may also come as a ?password= query argument)."""
-    url = re.sub(r"(?<=://)([^:@/]*):[^/]*@", lambda m: m.group(1) + ":***@", url)
-    return re.sub(r"(?<=[?&]password=)[^&#]*", "***", url, flags=re.I)
-
-
 class Store:
     """The Redis connection and the Lua scripts, each one round trip (EVALSHA)."""
 
@@ -906,11 +1071,10 @@ class Store:
 
     def __init__(self, config, client=None):
         self.config = config
-        if config["redis.url"]:
-            self.url = config["redis.url"]
-        else:
-            self.url = f"redis://{config['redis.host']}:{config['redis.port']}/{config['redis.db']}"
-        self.address = redacted(self.url)
+        address = config.redis_address()
+        self.url = address.url()
+        # As shown in messages: without the password, with the sources that set it.
+        self.address = f"{redacted(self.url)} ({address.origin()})"
         self.redis = client if client is not None else self._connect()
         self._scripts = {}
 
@@ -960,8 +1124,16 @@ class Store:
         if isinstance(args.get("req"), dict):
             args["req"] = {k: v for k, v in args["req"].items() if v is not None}
         args.setdefault("now", time.time())
-        args["heartbeat_timeout"] = self.config["heartbeat.timeout"]
+        # Ours go on what we grant and queue; what others hold expires by its own.
+        args["heartbeat"] = {
+            "interval": self.config["heartbeat.interval"],
+            "timeout": self.config["heartbeat.timeout"],
+        }
         args["queue_timeout"] = self.config["queue.heartbeat_timeout"]
+        args["defaults"] = {
+            "heartbeat_timeout": SETTINGS["heartbeat.timeout"][1],
+            "queue_timeout": SETTINGS["queue.heartbeat_timeout"][1],
+        }
         if name not in self._scripts:
             self._scripts[name] = self.redis.register_script(LUA_LIB + self.SCRIPTS[name])
         try:
@@ -1044,12 +1216,14 @@ class Provider:
 
     name = ""
     tool = ""
-    queries = ()
+    queries = ()  # the first lists the GPUs; the others add to it
+    blank = ""  # what a query that failed is read as: no data
 
     def __init__(self, count=None):
         self.count = count
         self._procs = None
         self._result = None
+        self.problem = None  # why the answer is incomplete (a later query failed)
 
     @staticmethod
     def create(name, count=None):
@@ -1106,11 +1280,24 @@ class Provider:
         return out
 
     def usage(self):
-        """{gpu index: GpuUsage}; raises ProviderError.  Runs the tool at most once."""
+        """{gpu index: GpuUsage}; raises ProviderError.  Runs the tool at most once.
+        When only a later query fails (the process list), what answered is used, so a
+        GPU busy without a reservation is still seen; `problem` says what is missing."""
         if self._result is None:
             try:
                 self.start()
-                self._result = self.parse(*[self._output(p) for p in self._procs])
+                outputs, problems = [], []
+                for k, proc in enumerate(self._procs):
+                    try:
+                        outputs.append(self._output(proc))
+                    except ProviderError as e:
+                        if k == 0:
+                            raise
+                        outputs.append(self.blank)
+                        problems.append(str(e))
+                self._result = self.parse(*outputs)
+                if problems:
+                    self.problem = "; ".join(problems)
             except ProviderError as e:
                 self._result = e
         if isinstance(self._result, ProviderError):
@@ -1176,7 +1363,7 @@ def parse_nvidia(gpu_text, app_text):
 
 
 class AmdProvider(Provider):
-    name, tool = "amd", "amd-smi"
+    name, tool, blank = "amd", "amd-smi", "[]"
     queries = (("list", "--json"), ("metric", "--mem-usage", "--json"), ("process", "--json"))
 
     def parse(self, list_text, metric_text, process_text):
@@ -1401,6 +1588,17 @@ class Request:
         }
 
 
+def incomplete(provider):
+    return f"GPU validation is incomplete ({provider.problem}); going on with what answered"
+
+
+def not_initialised():
+    return CanhazError(
+        "the GPU pool is not initialised",
+        hint="run `canhazgpu admin --gpus N` first (N = the GPUs of this machine)",
+    )
+
+
 class Pool:
     """The GPU pool in Redis, with the provider that validates it."""
 
@@ -1409,8 +1607,13 @@ class Pool:
         self._provider = provider  # started early by main() when it could guess
         self._warned = False
 
-    def snapshot(self):
-        return Snapshot(self.store.script("snapshot"))
+    def snapshot(self, now=None, required=True):
+        """The pool after ending what expired; an uninitialised pool is an error
+        unless `required` is false (then its count is 0)."""
+        snap = Snapshot(self.store.script("snapshot", now=now))
+        if required and not snap.count:
+            raise not_initialised()
+        return snap
 
     def provider(self, name, count):
         """The provider for this pool, reusing the one main() started if it fits."""
@@ -1426,10 +1629,7 @@ class Pool:
         """(count, provider name) of an initialised pool, or a clear error."""
         count, name = self.store.do("mget", KEY + "gpu_count", KEY + "provider")
         if not count or not str(count).isdigit() or int(count) == 0:
-            raise CanhazError(
-                "the GPU pool is not initialised",
-                hint="run `canhazgpu admin --gpus N` first (N = the GPUs of this machine)",
-            )
+            raise not_initialised()
         return int(count), name or "nvidia"
 
     def unreserved(self, name, count):
@@ -1438,11 +1638,17 @@ class Pool:
         try:
             usage = provider.usage()
         except ProviderError as e:
-            if not self._warned:
-                warn(f"cannot validate GPU usage ({e}); allocating on reservations alone")
-                self._warned = True
+            self.warn_once(f"cannot validate GPU usage ({e}); allocating on reservations alone")
             return []
+        if provider.problem:
+            self.warn_once(incomplete(provider))
         return sorted(i for i, g in usage.items() if g.in_use(self.config["memory.threshold"]))
+
+    def warn_once(self, message):
+        """A waiter asks the provider at every poll: say a failure once, not each time."""
+        if not self._warned:
+            warn(message)
+            self._warned = True
 
     def allocate(self, req, name, count, block=False, entry=None, wait=None, fresh=False):
         """One atomic allocation step; see LUA_ALLOCATE for the replies."""
@@ -1597,23 +1803,24 @@ class Waiter:
 
 def validate_request(req, count):
     """Requests that can never be met fail at once, before anything is reserved."""
-    if req.ids:
-        outside = [i for i in req.ids if i >= count]
-        if outside:
-            raise UsageError(
-                f"GPU {outside[0]} is not in the pool (GPUs 0-{count - 1})",
-                hint="`canhazgpu status` lists the GPUs",
-            )
+    check_ids(req.ids or (), count)
     if req.count > count:
         raise UsageError(f"requested {req.count} GPUs but the pool has only {count}")
+
+
+def check_ids(ids, count):
+    outside = [i for i in ids if i >= count]
+    if outside:
+        raise UsageError(
+            f"GPU {outside[0]} is not in the pool (GPUs 0-{count - 1})",
+            hint="`canhazgpu status` lists the GPUs",
+        )
 
 
 def allocation_error(reply, req, count):
     status = reply["status"]
     if status == "nopool":
-        return CanhazError(
-            "the GPU pool is not initialised", hint="run `canhazgpu admin --gpus N` first"
-        )
+        return not_initialised()
     if status == "invalid":
         return UsageError(f"requested {req.describe()} but the pool has {reply['pool']} GPUs")
     if status != "unavailable":
@@ -1668,7 +1875,6 @@ FORWARDED = (
     signal.SIGWINCH,
 )
 EXIT_TIMEOUT, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND = 124, 126, 127
-KILL_AFTER = 30.0  # default grace between the first signal and SIGKILL
 SIGKILL_PATIENCE = 10.0  # how long processes may take to vanish after SIGKILL
 RELEASE_PATIENCE = 10.0  # how long the final release is retried while Redis is away
 CLEANUP_POLL = 0.05  # leftovers that are not our children do not wake us when they die
@@ -1676,7 +1882,8 @@ PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
 def find_command(name):
-    """Rule 1: look `name` up the way execvp will, before anything is reserved."""
+    """Look `name` up the way execvp will, before anything is reserved: its path, or
+    exit 127 (not found) or 126 (not executable), as shells and `env` do."""
     candidates = [name] if "/" in name else [os.path.join(d, name) for d in os.get_exec_path()]
     problem = None
     for path in candidates if name else ():
@@ -1684,7 +1891,7 @@ def find_command(name):
             problem = problem or "is a directory"
         elif os.path.exists(path):
             if os.access(path, os.X_OK):
-                return
+                return path
             problem = problem or "Permission denied"
     if problem:
         raise CanhazError(f"{name}: {problem}", code=EXIT_NOT_EXECUTABLE)
@@ -1920,15 +2127,17 @@ class Supervisor:
 
     def environment(self):
         """CUDA_VISIBLE_DEVICES replaced (never added to), in ascending order.  On AMD,
-        ROCm filters by ROCR_VISIBLE_DEVICES first, and HIP's indices count within
-        what it left: HIP_VISIBLE_DEVICES is therefore 0..n-1."""
+        ROCm filters by ROCR_VISIBLE_DEVICES first, and then reads HIP_VISIBLE_DEVICES
+        and CUDA_VISIBLE_DEVICES (the same for HIP) as indices among the GPUs left, so
+        both are 0..n-1: the reserved ids there would hide every GPU but the first."""
         env = dict(os.environ)
         ids = ",".join(map(str, sorted(self.ids)))
         env["CUDA_VISIBLE_DEVICES"] = ids
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's numbering = nvidia-smi's
         if self.provider == "amd":
             env["ROCR_VISIBLE_DEVICES"] = ids
-            env["HIP_VISIBLE_DEVICES"] = ",".join(map(str, range(len(self.ids))))
+            within = ",".join(map(str, range(len(self.ids))))
+            env["HIP_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] = within
         env["CANHAZGPU_GPU_IDS"] = ids
         return env
 
@@ -1970,9 +2179,23 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
         try:
-            self.popen = subprocess.Popen(
-                self.argv, env=env, preexec_fn=child, close_fds=True, restore_signals=True
-            )
+            try:
+                self.popen = subprocess.Popen(
+                    self.argv, env=env, preexec_fn=child, close_fds=True, restore_signals=True
+                )
+            except OSError as e:
+                if e.errno != errno.ENOEXEC:
+                    raise
+                # A script without '#!': execvp(3), env and timeout run it with /bin/sh;
+                # Python's exec does not.
+                script = find_command(self.argv[0])
+                self.popen = subprocess.Popen(
+                    ["/bin/sh", script, *self.argv[1:]],
+                    env=env,
+                    preexec_fn=child,
+                    close_fds=True,
+                    restore_signals=True,
+                )
         except (OSError, subprocess.SubprocessError) as e:
             if take:
                 self.give_terminal(ours)  # the child may have taken it before exec failed
@@ -2077,8 +2300,14 @@ class Supervisor:
             return
         if fg == self.pgid:
             self.give_terminal(ours)
-        if self.tty is not None and self.shell_above():
-            os.killpg(ours, signal.SIGSTOP)  # SIGSTOP: a SIGTSTP could be discarded
+        if self.shell_above():
+            # Also without a terminal (`kill -TSTP` from a batch system): a parent that
+            # can continue us must see us stopped too.  SIGSTOP: a SIGTSTP to an
+            # orphaned group is discarded.  Our whole job when we lead it, else only us.
+            if ours == os.getpid():
+                os.killpg(ours, signal.SIGSTOP)
+            else:
+                os.kill(os.getpid(), signal.SIGSTOP)
 
     def shell_above(self):
         """Whether a job-control shell can continue our group: the first ancestor
@@ -2211,6 +2440,8 @@ def cmd_admin(app):
     name = args.provider or detect_provider()
     provider = Provider.create(name)
     real = provider.detect_count()
+    if args.force and not args.yes and sys.stdin.isatty():
+        confirm_force(app.pool())
     reply = app.store().script("admin", count=args.gpus, provider=name, force=args.force)
     if reply["status"] == "exists":
         raise CanhazError(
@@ -2225,6 +2456,24 @@ def cmd_admin(app):
     if reply.get("old") is not None:
         say(f"Ended {reply['ended']} reservation(s)")
     return 0
+
+
+def confirm_force(pool):
+    """On a terminal, `admin --force` asks before it ends everyone's reservations
+    (anyone may run it: Redis ACLs, not this question, are what restrict it)."""
+    snap = pool.snapshot(required=False)
+    if not snap.count:
+        return
+    holders = sorted({g.owner for g in snap.gpus if g.held})
+    ended = sum(g.held for g in snap.gpus)
+    who = f" of {', '.join(holders)}" if holders else ""
+    sys.stderr.write(
+        printable(f"This ends {ended} reservation(s){who} and empties the queue. Go on? [y/N] ")
+    )
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        raise CanhazError("nothing changed", hint="--yes skips this question")
 
 
 def detect_provider():
@@ -2321,12 +2570,12 @@ def validation_text(status, hw, usage):
 def cmd_status(app):
     pool = app.pool()
     snap = pool.snapshot()
-    if not snap.count:
-        pool.require()
     provider = pool.provider(snap.provider, snap.count)
     try:
         usage = provider.usage()
         inspect_processes(usage)
+        if provider.problem:
+            warn(incomplete(provider))
     except ProviderError as e:
         warn(f"cannot validate GPU usage: {e}")
         usage = None
@@ -2359,39 +2608,38 @@ def cmd_status(app):
     return 0
 
 
-def display_user(row):
-    actual = row.get("actual_user")
-    return f"{actual} ({row['user']})" if actual and actual != row["user"] else row["user"]
+def display_user(row, user="user", account="actual_user"):
+    """'account (display name)' when --user named someone else, else the name."""
+    shown, actual = row[user], row.get(account)
+    return f"{actual} ({shown})" if actual and actual != shown else shown
 
 
 def render_table(header, rows):
+    """Aligned columns; every cell printable(): users' names and notes, process names."""
+    rows = [[printable(x) for x in row] for row in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for line in [header, *rows]:
         yield "  ".join(str(x).ljust(w) for x, w in zip(line, widths))
 
 
 def request_from_args(app, kind):
-    """Build a Request from run/reserve's flags and the per-command config defaults."""
+    """Build a Request from run/reserve's flags and their config defaults."""
     args, config = app.args, app.config
-    ids = args.gpu_ids
-    count = args.gpus if args.gpus is not None else config[f"{kind_key(kind)}.gpus"]
+    key = f"{kind_key(kind)}.gpus"
+    ids, count = args.gpu_ids, config[key]
     if ids:
-        if count not in (None, 1, len(ids)):
+        # --gpu-ids on the command line beats a count from a file or the default.
+        if config.source(key).startswith("--") and count not in (1, len(ids)):
             raise UsageError(
                 f"--gpus {count} does not match the {len(ids)} GPU(s) of --gpu-ids",
                 hint="give one of them, or the same number in both",
             )
         count = len(ids)
-    duration = getattr(args, "duration", None) or (
-        config["reserve.duration"] if kind == "manual" else None
-    )
-    if kind == "manual" and duration is None:
-        duration = 8 * 3600.0
     return Request(
         kind,
-        count or 1,
+        count,
         ids=ids,
-        duration=duration,
+        duration=config["reserve.duration"] if kind == "manual" else None,
         note=args.note,
         user=args.user,
         force=getattr(args, "force", False),
@@ -2404,10 +2652,9 @@ def kind_key(kind):
 
 def wait_options(app, kind):
     """(block, wait seconds or None) from --nonblock / --wait and config."""
-    args = app.args
-    if args.nonblock:
+    if app.args.nonblock:
         return False, None
-    return True, args.wait if args.wait is not None else app.config[f"{kind_key(kind)}.wait"]
+    return True, app.config[f"{kind_key(kind)}.wait"]
 
 
 class QueueLine:
@@ -2456,13 +2703,20 @@ def reserve_gpus(app, req):
 
 def cmd_reserve(app):
     req = request_from_args(app, "manual")
-    gpus = reserve_gpus(app, req)
-    ids = ",".join(map(str, gpus))
-    if app.args.short:
-        say(ids)
-    else:
-        say(f"Reserved {len(gpus)} GPU(s): {gpus} for {format_duration(req.duration)}")
-        say(f"export CUDA_VISIBLE_DEVICES={ids}")
+    try:
+        # Until the ids are printed, a signal gives the GPUs back: nobody was told of
+        # them, and they would stay reserved for the whole duration.
+        with CancelOnSignals():
+            gpus = reserve_gpus(app, req)
+            ids = ",".join(map(str, gpus))
+            if app.args.short:
+                say(ids)
+            else:
+                say(f"Reserved {len(gpus)} GPU(s): {gpus} for {format_duration(req.duration)}")
+                say(f"export CUDA_VISIBLE_DEVICES={ids}")
+    except Interrupted:
+        app.pool().release(token=req.token)
+        raise
     return 0
 
 
@@ -2477,27 +2731,32 @@ def cmd_run(app):
         raise UsageError("`run` needs a command after `--`", hint=example)
     req = request_from_args(app, "run")
     find_command(args.argv[0])
+    require_module("psutil", "python3-psutil")  # the supervisor needs it after the command
     Supervisor(
         app,
         req,
         args.argv,
-        timeout=args.timeout or config["run.timeout"],
-        timeout_signal=args.signal or config["run.signal"] or signal.SIGINT,
-        kill_after=args.kill_after or config["run.kill_after"] or KILL_AFTER,
+        timeout=config["run.timeout"],
+        timeout_signal=config["run.signal"],
+        kill_after=config["run.kill_after"],
     ).run()
 
 
 def cmd_release(app):
+    """Exit 0 when everything asked for was released, 1 when any id was refused (one
+    `Error:` line each), 2 for ids outside the pool (nothing is released then)."""
     pool = app.pool()
-    pool.require()
+    count, _ = pool.require()
     ids = app.args.gpu_ids
+    check_ids(ids or (), count)
     results = pool.release(ids=ids)
     released = sorted(r["gpu"] for r in results if r["result"] == "released")
     if released:
         say(f"Released {len(released)} GPU(s): {released}")
     elif not ids:
         say("No manually reserved GPUs found for current user")
-    for r in results:
+    refused = [r for r in results if r["result"] != "released"]
+    for r in refused:
         if r["result"] == "other":
             problem = f"is reserved by {display_user(r)}, not by you ({current_user()})"
         else:
@@ -2505,10 +2764,9 @@ def cmd_release(app):
                 "free": "is not reserved",
                 "range": "is not in the pool",
                 "corrupt": "has an unreadable state in Redis (an admin can run `admin --force`)",
-            }.get(r["result"])
-        if problem:
-            print(f"GPU {r['gpu']} {problem}", file=sys.stderr)
-    return 1 if ids and not released else 0
+            }[r["result"]]
+        tell(f"Error: GPU {r['gpu']} {problem}")
+    return 1 if refused else 0
 
 
 def usage_records(store, since):
@@ -2536,32 +2794,37 @@ def usage_records(store, since):
 
 def build_report(records, held, days, now):
     """GPU hours per user over the window; in-progress reservations count from
-    their start; everything is clipped to the window."""
+    their start; everything is clipped to the window.  A row is a display name and
+    the real account behind it (`--user` on a shared account); users are accounts."""
     since = now - days * 86400
     users = {}
 
-    def add(user, kind, start, end):
+    def add(user, account, kind, start, end):
         start, end = max(start or since, since), min(end or now, now)
         if end < since or not isinstance(user, str) or not user:
             return
-        entry = users.setdefault(user, {"name": user, "seconds": 0.0, "run": 0, "manual": 0})
+        account = account if isinstance(account, str) and account else user
+        entry = users.setdefault(
+            (user, account),
+            {"name": user, "account": account, "seconds": 0.0, "run": 0, "manual": 0},
+        )
         entry["seconds"] += max(0.0, end - start)
         entry["manual" if kind == "manual" else "run"] += 1
 
     for rec in records:
         end = parse_time(rec.get("end_time"))
         if end is not None and end >= since:
-            add(
-                rec.get("user"), rec.get("reservation_type"), parse_time(rec.get("start_time")), end
-            )
+            start = parse_time(rec.get("start_time"))
+            add(rec.get("user"), rec.get("actual_user"), rec.get("reservation_type"), start, end)
     for gpu in held:
-        add(gpu.user, gpu.kind, gpu.time("start_time"), now)
+        add(gpu.user, gpu.owner, gpu.kind, gpu.time("start_time"), now)
     total = sum(u["seconds"] for u in users.values())
     out = []
-    for u in sorted(users.values(), key=lambda u: (-u["seconds"], u["name"])):
+    for u in sorted(users.values(), key=lambda u: (-u["seconds"], u["name"], u["account"])):
         out.append(
             {
                 "name": u["name"],
+                "account": u["account"],
                 "gpu_hours": round(u["seconds"] / 3600, 4),
                 "percentage": round(100 * u["seconds"] / total, 2) if total else 0.0,
                 "run_count": u["run"],
@@ -2572,23 +2835,23 @@ def build_report(records, held, days, now):
         "users": out,
         "total_gpu_hours": round(total / 3600, 4),
         "total_reservations": sum(u["run_count"] + u["manual_count"] for u in out),
-        "unique_users": len(out),
+        "unique_users": len({u["account"] for u in out}),
         "start_date": rfc3339(since),
         "end_date": rfc3339(now),
         "days": days,
     }
 
 
-def report_for(store, days, now=None):
+def report_for(pool, days, now=None):
     now = time.time() if now is None else now
-    snap = Snapshot(store.script("snapshot", now=now))
+    snap = pool.snapshot(now)
     held = [g for g in snap.gpus if g.held and not g.partial]
-    return build_report(usage_records(store, now - days * 86400), held, days, now)
+    return build_report(usage_records(pool.store, now - days * 86400), held, days, now)
 
 
 def cmd_report(app):
-    days = app.args.days or app.config["report.days"] or 30
-    report = report_for(app.store(), days)
+    days = app.config["report.days"]
+    report = report_for(app.pool(), days)
     if app.args.json:
         say(json.dumps(report, indent=2))
         return 0
@@ -2600,8 +2863,9 @@ def cmd_report(app):
     say(f"{'User':<20} {'GPU Hours':>14} {'Percentage':>15} {'Run':>10} {'Manual':>10}")
     say(rule)
     for u in report["users"]:
+        who = printable(display_user(u, "name", "account"))
         say(
-            f"{u['name']:<20} {u['gpu_hours']:>14.2f} {u['percentage']:>14.1f}% "
+            f"{who:<20} {u['gpu_hours']:>14.2f} {u['percentage']:>14.1f}% "
             f"{u['run_count']:>10} {u['manual_count']:>10}"
         )
     if not report["users"]:
@@ -2620,10 +2884,9 @@ def cmd_report(app):
     return 0
 
 
-def queue_report(store, now=None):
+def queue_report(snap, now=None):
     """The queue in order, in the `queue --json` shape."""
     now = time.time() if now is None else now
-    snap = Snapshot(store.script("snapshot", now=now))
     entries = []
     for pos, e in enumerate(snap.queue, 1):
         enqueued = parse_time(e.get("enqueue_time"))
@@ -2647,7 +2910,7 @@ def queue_report(store, now=None):
 
 
 def cmd_queue(app):
-    report = queue_report(app.store())
+    report = queue_report(app.pool().snapshot())
     if app.args.json:
         say(json.dumps(report, indent=2))
         return 0
@@ -2716,33 +2979,36 @@ class UsageCache:
         self.lock = threading.Lock()
         self.key, self.usage, self.expires = None, None, 0.0
         self.runs = self.failures = 0
-        self.error = None
+        self.error = self.news = None  # the last failure; the last warning given
 
     def get(self, name, count):
         """{index: GpuUsage}, or None while the provider fails."""
         with self.lock:
             if self.key != (name, count) or time.monotonic() >= self.expires:
                 self.runs += 1
-                error = None
+                error = problem = None
                 try:
-                    self.usage = self.query(name, count)
+                    self.usage, problem = self.query(name, count)
                 except ProviderError as e:
                     self.failures += 1
                     self.usage, error = None, str(e)
-                if error != self.error:  # say it when it starts or changes, not every window
-                    warn(
-                        f"cannot validate GPU usage: {error}" if error else "GPU validation is back"
-                    )
-                self.error = error
+                news = f"cannot validate GPU usage: {error}" if error else None
+                if problem:
+                    news = f"GPU validation is incomplete ({problem}); going on with what answered"
+                if news != self.news:  # say it when it starts or changes, not every window
+                    warn(news or "GPU validation is back")
+                self.error, self.news = error, news
                 self.key = (name, count)
                 self.expires = time.monotonic() + self.ttl
             return self.usage
 
 
 def provider_usage(name, count):
-    usage = Provider.create(name, count).usage()
+    """(usage, what is missing from it or None); raises ProviderError."""
+    provider = Provider.create(name, count)
+    usage = provider.usage()
     inspect_processes(usage)
-    return usage
+    return usage, provider.problem
 
 
 class Site:
@@ -2757,15 +3023,12 @@ class Site:
         if path == "/":
             return 200, "text/html; charset=utf-8", self.page
         if path == "/api/status":
-            pool = Pool(self.store, self.config)
-            snap = pool.snapshot()
-            if not snap.count:
-                pool.require()
-            return json_reply(self.rows(snap))
+            return json_reply(self.rows(Pool(self.store, self.config).snapshot()))
         if path == "/api/report":
-            return json_reply(report_for(self.store, self.report_days(params)))
+            pool = Pool(self.store, self.config)
+            return json_reply(report_for(pool, self.report_days(params)))
         if path == "/api/queue":
-            return json_reply(queue_report(self.store))
+            return json_reply(queue_report(Pool(self.store, self.config).snapshot()))
         if path == "/metrics":
             return 200, METRICS_TYPE, self.metrics()
         if path == "/healthz":
@@ -2781,7 +3044,7 @@ class Site:
         unknown = sorted(set(params) - {"days"})
         if unknown:
             raise WebError(400, f"unknown parameter {unknown[0]!r}: /api/report takes days=N")
-        values = params.get("days") or [str(self.config["report.days"] or 30)]
+        values = params.get("days") or [str(self.config["report.days"])]
         if len(values) > 1:
             raise WebError(400, "days is given more than once")
         try:
@@ -2794,8 +3057,8 @@ class Site:
     def metrics(self):
         out = Metrics()
         try:
-            snap = Pool(self.store, self.config).snapshot()
-            queue = queue_report(self.store)
+            snap = Pool(self.store, self.config).snapshot(required=False)
+            queue = queue_report(snap)
         except CanhazError:
             snap = queue = None
         out.add(
@@ -2859,17 +3122,20 @@ class Site:
                 ({"gpu": r["gpu_id"]}, r[field] * 2**20) for r in rows if r.get(field) is not None
             ]
             out.add(f"canhazgpu_gpu_memory_{what}_bytes", "gauge", help, samples)
+        # Labelled with the display name and the real account: one account using
+        # --user names counts once per name, and sums by account.
         held, unreserved = {}, {}
         for r in rows:
             if r["status"] == "IN_USE":
-                held[r["user"]] = held.get(r["user"], 0) + 1
+                who = (r["user"], r.get("actual_user") or r["user"])
+                held[who] = held.get(who, 0) + 1
             for user in r.get("unreserved_users", ()):
-                unreserved[user] = unreserved.get(user, 0) + 1
+                unreserved[user, user] = unreserved.get((user, user), 0) + 1
         for name, counts, help in (
             ("reserved", held, "GPUs each user holds a reservation on."),
             ("unreserved", unreserved, "GPUs each user's processes use without a reservation."),
         ):
-            samples = [({"user": u}, n) for u, n in sorted(counts.items())]
+            samples = [({"user": u, "account": a}, n) for (u, a), n in sorted(counts.items())]
             out.add(f"canhazgpu_user_{name}_gpus", "gauge", help, samples)
         out.add(
             "canhazgpu_queue_length",
@@ -3026,8 +3292,7 @@ def cmd_web(app):
     import threading
 
     args, config = app.args, app.config
-    host = args.host or config["web.host"] or "0.0.0.0"
-    port = args.port or config["web.port"] or 8080
+    host, port = config["web.host"], config["web.port"]
     if args.demo:
         site = Site(DemoStore(), config, UsageCache(demo_usage), demo=True)
     else:
@@ -3209,7 +3474,7 @@ def demo_usage(name, count):
             p = GpuProcess(pid, proc, used - 512)
             p.owner, p.model = owner, detect_model(cmdline)
             gpu.processes.append(p)
-    return usage
+    return usage, None
 
 
 # The dashboard: one self-contained page.  Its script builds every element
@@ -3694,7 +3959,8 @@ WEB_JS = r"""
       bar.append(fill);
       var value = el("div", "r-val num", u.gpu_hours.toFixed(1) + " h");
       value.append(span("sub", u.percentage.toFixed(1) + "%"));
-      row.append(el("div", "r-name", u.name), bar, value,
+      var who = u.account && u.account !== u.name ? u.account + " (" + u.name + ")" : u.name;
+      row.append(el("div", "r-name", who), bar, value,
         el("div", "r-kind sub", plural(u.run_count, "run") + " · " + u.manual_count + " manual"));
       return row;
     }));
@@ -3927,6 +4193,33 @@ def arg_type(kind, what):
     return convert
 
 
+def plain_text(what):
+    """An argparse type for text others will see: no control characters, so no
+    escape sequence reaches their terminals and no newline breaks a table."""
+
+    def convert(text):
+        if CONTROL.search(text):
+            raise argparse.ArgumentTypeError(
+                f"the {what} must not contain control characters, got {printable(text)!r}"
+            )
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"the {what} must not be empty")
+        return text
+
+    convert.__name__ = what
+    return convert
+
+
+def default_of(key):
+    """A setting's built-in default as help texts show it: 8h, INT, 1024."""
+    kind, default, _ = SETTINGS[key]
+    if kind == "duration":
+        return format_span(default)
+    if kind == "signal":
+        return signal.Signals(default).name[3:]
+    return str(default)
+
+
 def examples(*lines):
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
@@ -3948,28 +4241,28 @@ def add_global_options(parser, suppress):
         metavar="HOST",
         default=default,
         type=arg_type("str", "host"),
-        help="Redis host (localhost)",
+        help=f"Redis host ({default_of('redis.host')})",
     )
     g.add_argument(
         "--redis-port",
         metavar="N",
         default=default,
         type=arg_type("port", "port"),
-        help="Redis port (6379)",
+        help=f"Redis port ({default_of('redis.port')})",
     )
     g.add_argument(
         "--redis-db",
         metavar="N",
         default=default,
         type=arg_type("count0", "db"),
-        help="Redis database number (0)",
+        help=f"Redis database number ({default_of('redis.db')})",
     )
     g.add_argument(
         "--memory-threshold",
         metavar="MB",
         default=default,
         type=arg_type("count0", "threshold"),
-        help="a GPU using more memory than this is in use (1024)",
+        help=f"a GPU using more memory than this is in use ({default_of('memory.threshold')})",
     )
     g.add_argument("--debug", action="store_true", default=default, help=argparse.SUPPRESS)
 
@@ -3980,7 +4273,7 @@ def add_request_options(p, kind):
         "--gpus",
         type=arg_type("count", "count"),
         metavar="N",
-        help="number of GPUs (default 1)",
+        help=f"number of GPUs (default {default_of(kind + '.gpus')})",
     )
     p.add_argument("-G", "--gpu-ids", type=gpu_ids, metavar="IDS", help="specific GPUs, e.g. 1,3")
     block = p.add_mutually_exclusive_group()
@@ -3994,10 +4287,13 @@ def add_request_options(p, kind):
         metavar="D",
         help="wait in the queue at most D (e.g. 30m); default: as long as it takes",
     )
-    p.add_argument("-n", "--note", metavar="TEXT", help="a note shown in status")
+    p.add_argument(
+        "-n", "--note", type=plain_text("note"), metavar="TEXT", help="a note shown in status"
+    )
     p.add_argument(
         "-u",
         "--user",
+        type=plain_text("name"),
         metavar="NAME",
         help="display name for a shared account (ownership stays yours)",
     )
@@ -4045,7 +4341,8 @@ def build_parser():
         "initialise the GPU pool of this machine",
         examples(
             "canhazgpu admin --gpus 8",
-            "canhazgpu admin --gpus 4 --force   # ends every reservation",
+            "canhazgpu admin --gpus 4 --force   # ends every reservation (asks first)",
+            "canhazgpu admin --gpus 4 --force --yes   # from a script: no question",
             "canhazgpu admin --gpus 4 --provider fake   # a machine without GPUs",
         ),
     )
@@ -4061,6 +4358,9 @@ def build_parser():
         "--force",
         action="store_true",
         help="re-initialise an existing pool, ending every reservation",
+    )
+    p.add_argument(
+        "-y", "--yes", action="store_true", help="with --force: do not ask on a terminal"
     )
     p.add_argument(
         "-p", "--provider", choices=PROVIDERS, help="how GPU usage is validated (default: detected)"
@@ -4097,13 +4397,13 @@ def build_parser():
         "--signal",
         type=arg_type("signal", "signal"),
         metavar="SIG",
-        help="signal sent at the timeout (default INT)",
+        help=f"signal sent at the timeout (default {default_of('run.signal')})",
     )
     p.add_argument(
         "--kill-after",
         type=arg_type("duration", "duration"),
         metavar="D",
-        help="SIGKILL this long after the timeout signal (default 30s)",
+        help=f"SIGKILL this long after the timeout signal (default {default_of('run.kill_after')})",
     )
     p.add_argument("stray", nargs="*", help=argparse.SUPPRESS)  # a command without `--`
     p.usage = p.format_usage()[len("usage: ") :].rstrip() + " -- COMMAND [ARG ...]"
@@ -4125,7 +4425,7 @@ def build_parser():
         "--duration",
         type=arg_type("duration", "duration"),
         metavar="D",
-        help="how long (default 8h; 30m, 0.5h, 2d, 1h30m)",
+        help=f"how long (default {default_of('reserve.duration')}; 30m, 0.5h, 2d, 1h30m)",
     )
     p.add_argument(
         "-f", "--force", action="store_true", help="also take GPUs in use without a reservation"
@@ -4160,7 +4460,7 @@ def build_parser():
         "--days",
         type=arg_type("days", "days"),
         metavar="N",
-        help="days to cover, 1-90 (default 30)",
+        help=f"days to cover, 1-90 (default {default_of('report.days')})",
     )
     p.add_argument("-j", "--json", action="store_true", help="print JSON")
 
@@ -4178,9 +4478,15 @@ def build_parser():
         "serve the dashboard, a JSON API and Prometheus metrics",
         examples("canhazgpu web --port 8080", "canhazgpu web --demo   # sample data, no Redis"),
     )
-    p.add_argument("--host", metavar="HOST", help="address to listen on (default 0.0.0.0)")
     p.add_argument(
-        "-p", "--port", type=arg_type("port", "port"), metavar="N", help="port (default 8080)"
+        "--host", metavar="HOST", help=f"address to listen on (default {default_of('web.host')})"
+    )
+    p.add_argument(
+        "-p",
+        "--port",
+        type=arg_type("port", "port"),
+        metavar="N",
+        help=f"port (default {default_of('web.port')})",
     )
     p.add_argument("--demo", action="store_true", help="serve sample data without Redis")
     return parser
@@ -4193,19 +4499,7 @@ class App:
 
     def __init__(self, args):
         self.args = args
-        self.config = Config.load(args.config)
-        for flag, key in (
-            ("redis_url", "redis.url"),
-            ("redis_host", "redis.host"),
-            ("redis_port", "redis.port"),
-            ("redis_db", "redis.db"),
-            ("memory_threshold", "memory.threshold"),
-        ):
-            if getattr(args, flag, None) is not None:
-                self.config.values[key] = getattr(args, flag)
-        if args.redis_host is not None or args.redis_port is not None:
-            if args.redis_url is None:
-                self.config.values["redis.url"] = None  # explicit host/port beat a configured URL
+        self.config = Config.load(args.config, flags=self.flags(args))
         self._store = self._pool = None
         self._early = None
         if args.command in self.NEEDS_PROVIDER:
@@ -4215,6 +4509,18 @@ class App:
             if guess is not None:
                 self._early = guess()
                 self._early.start()
+
+    @staticmethod
+    def flags(args):
+        """{config key: (value, '--flag')} for the settings given on the command line:
+        the global options, and `<command>.<option>` for a command's own (run.timeout)."""
+        flags = {}
+        for dest, value in vars(args).items():
+            flag = dest.replace("_", "-")
+            key = GLOBAL_OPTIONS.get(flag) or f"{args.command}.{dest}"
+            if value is not None and key in SETTINGS:
+                flags[key] = (value, "--" + flag)
+        return flags
 
     def store(self):
         if self._store is None:
@@ -4241,7 +4547,37 @@ def split_command(argv):
     return argv, None
 
 
+PASSWORDS = (
+    re.compile(rb"(://[^:@/]*:)(.*)(@)", re.S),  # the userinfo's, up to the last '@'
+    re.compile(rb"([?&]password=)([^&#]*)()", re.I),
+)
+
+
+def hide_passwords_from_ps():
+    """A password given on the command line (--redis-url redis://:pw@...) shows in
+    every user's `ps` for as long as we run, and a `run` lasts hours: overwrite it
+    with asterisks in our own argv, which is what /proc/PID/cmdline reads."""
+    if not any(p.search(os.fsencode(a)) for a in sys.argv for p in PASSWORDS):
+        return
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (proc(5))
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            args = mem.read(end - start)
+            for p in PASSWORDS:
+                args = p.sub(lambda m: m[1] + b"*" * len(m[2]) + m[3], args)
+            mem.seek(start)
+            mem.write(args)
+    except (OSError, ValueError, IndexError):  # not Linux, or /proc not mounted
+        pass
+
+
 def main(argv=None):
+    quiet_interrupts()  # the console scripts of `pip install` start here
+    if argv is None:
+        hide_passwords_from_ps()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     options, command = split_command(argv)
@@ -4264,8 +4600,6 @@ def main(argv=None):
         if app is not None:
             app.close()
         die_of(e.signum)
-    except KeyboardInterrupt:
-        return 130
     finally:
         if app is not None:
             app.close()

@@ -4,6 +4,7 @@ Go-format Redis data, report arithmetic, provider parsing, model detection, conf
 End-to-end tests of the real CLI against a real redis-server live in tests/."""
 
 import json
+import math
 import os
 import time
 
@@ -491,7 +492,8 @@ def test_stale_run_heartbeat_is_ended_with_a_usage_record(store, fake, config):
     assert rec["start_time"] == pytest.approx(now - 7200, abs=1e-3)
     assert rec["end_time"] == pytest.approx(now, abs=30)
     assert rec["duration_seconds"] == pytest.approx(rec["end_time"] - rec["start_time"])
-    assert rec["score"] == pytest.approx(rec["end_time"], abs=1e-3)
+    # Scored in whole seconds, as the Go tool reads up to the current whole second.
+    assert rec["score"] == math.floor(rec["end_time"])
 
 
 def test_expired_manual_is_ended_with_a_usage_record(store, fake, config):
@@ -527,19 +529,57 @@ def test_expired_manual_is_ended_with_a_usage_record(store, fake, config):
     assert rec["duration_seconds"] == pytest.approx(3600, abs=30)
 
 
-def test_heartbeat_timeout_is_configurable(home, fake):
-    config = chg.Config.load(environ={"CANHAZGPU_HEARTBEAT_TIMEOUT": "1m"})
-    store = chg.Store(config, client=fake)
-    init_pool(store, 2)
+def store_with(fake, **environ):
+    return chg.Store(chg.Config.load(environ=environ), client=fake)
+
+
+def test_a_run_expires_by_the_heartbeat_timeout_it_was_made_under(home, fake):
+    """The double booking: a client's own short timeout must not end another's run."""
+    short = {"CANHAZGPU_HEARTBEAT_INTERVAL": "10s", "CANHAZGPU_HEARTBEAT_TIMEOUT": "1m"}
+    maker = store_with(fake, **short)
+    init_pool(maker, 3)
+    mine = request(count=1, user="alice")
+    assert allocate(make_pool(maker, maker.config), mine)["gpus"] == [0]
+    assert (state(fake, 0)["heartbeat_interval"], state(fake, 0)["heartbeat_timeout"]) == (10, 60)
     now = time.time()
-    put(
-        fake, 0, {"user": "bob", "type": "run", "start_time": now - 300, "last_heartbeat": now - 90}
+    made_long = {"user": "bob", "type": "run", "start_time": now - 300, "last_heartbeat": now - 90}
+    put(fake, 1, dict(made_long, heartbeat_interval=60, heartbeat_timeout=900))
+    put(fake, 2, made_long)  # a Go record: no terms, so the built-in 15 minutes
+    # A viewer with a 1-minute timeout ends neither of bob's runs.
+    store_with(fake, **short).script("snapshot", now=now)
+    assert state(fake, 1)["user"] == "bob" and state(fake, 2)["user"] == "bob"
+    # A viewer with a 2-hour timeout still ends alice's 1-minute run once it is stale.
+    patient = store_with(fake, CANHAZGPU_HEARTBEAT_TIMEOUT="2h")
+    patient.script("snapshot", now=now + 61)
+    assert "user" not in state(fake, 0)
+    patient.script("snapshot", now=now + 811)
+    assert "user" not in state(fake, 1) and "user" not in state(fake, 2)
+
+
+def test_a_queue_entry_expires_by_its_own_heartbeat_timeout(home, fake):
+    waiter = store_with(fake, CANHAZGPU_QUEUE_HEARTBEAT_TIMEOUT="10m")
+    init_pool(waiter, 1)
+    holder = request(count=1, user="bob")
+    allocate(make_pool(waiter, waiter.config), holder)
+    queued = make_pool(waiter, waiter.config).allocate(request(count=1), "fake", 1, block=True)
+    assert queued["status"] == "queued"
+    [entry] = fake.zrange(chg.KEY + "queue", 0, -1)
+    now = time.time()
+    store_with(fake, CANHAZGPU_QUEUE_HEARTBEAT_TIMEOUT="5s").script("snapshot", now=now + 300)
+    assert fake.zrange(chg.KEY + "queue", 0, -1) == [entry]  # kept: 300 s < its 10 minutes
+    store_with(fake).script("snapshot", now=now + 601)
+    assert fake.zrange(chg.KEY + "queue", 0, -1) == []
+
+
+def test_a_timeout_shorter_than_two_intervals_is_a_configuration_error(home):
+    with pytest.raises(chg.UsageError) as e:
+        chg.Config.load(environ={"CANHAZGPU_HEARTBEAT_TIMEOUT": "1m"})
+    assert "CANHAZGPU_HEARTBEAT_TIMEOUT" in str(e.value) and "twice" in str(e.value)
+    assert "heartbeat.interval 1m (from the built-in default)" in str(e.value)
+    config = chg.Config.load(
+        environ={"CANHAZGPU_HEARTBEAT_TIMEOUT": "1m", "CANHAZGPU_HEARTBEAT_INTERVAL": "30s"}
     )
-    put(
-        fake, 1, {"user": "bob", "type": "run", "start_time": now - 300, "last_heartbeat": now - 30}
-    )
-    store.script("snapshot")
-    assert "user" not in state(fake, 0) and state(fake, 1)["user"] == "bob"
+    assert config["heartbeat.timeout"] == 60
 
 
 def test_old_history_is_trimmed_on_write(store, fake, config):
@@ -884,7 +924,7 @@ def test_report_for_reads_history_legacy_keys_and_held_gpus(store, fake):
             }
         ),
     )
-    rep = chg.report_for(store, 30, now=now)
+    rep = chg.report_for(chg.Pool(store, store.config), 30, now=now)
     hours = {u["name"]: u["gpu_hours"] for u in rep["users"]}
     assert hours == pytest.approx({"alice": 2.0, "bob": 1.0, "carol": 0.5})
     assert rep["total_gpu_hours"] == pytest.approx(3.5)
@@ -1320,19 +1360,50 @@ def test_missing_explicit_config_file(home, tmp_path):
     assert "nope.toml" in str(e.value)
 
 
+def address(environ=None, flags=None, files=()):
+    """The Redis URL a Store would use, and where its parts came from."""
+    store = chg.Store(chg.Config.load(environ=environ or {}, flags=flags), client=object())
+    return store.url, store.address
+
+
 def test_store_address_from_url_or_host_port(home):
-    config = chg.Config.load(
-        environ={
-            "CANHAZGPU_REDIS_HOST": "db.example",
-            "CANHAZGPU_REDIS_PORT": "6380",
-            "CANHAZGPU_REDIS_DB": "3",
-        }
-    )
-    assert chg.Store(config, client=object()).url == "redis://db.example:6380/3"
-    config.values["redis.url"] = "redis://:hunter2@db.example:6380/3"
-    store = chg.Store(config, client=object())
-    assert store.url == "redis://:hunter2@db.example:6380/3"
-    assert "hunter2" not in store.address and "db.example:6380" in store.address
+    environ = {
+        "CANHAZGPU_REDIS_HOST": "db.example",
+        "CANHAZGPU_REDIS_PORT": "6380",
+        "CANHAZGPU_REDIS_DB": "3",
+    }
+    assert address(environ)[0] == "redis://db.example:6380/3"
+    url, shown = address({"CANHAZGPU_REDIS_URL": "redis://:hunter2@db.example:6380/3"})
+    assert url == "redis://:hunter2@db.example:6380/3"
+    assert "hunter2" not in shown and "db.example:6380" in shown
+    assert "(from CANHAZGPU_REDIS_URL)" in shown
+    assert address()[1] == "redis://localhost:6379/0 (from the built-in default)"
+
+
+def test_the_address_follows_precedence_part_by_part(home, tmp_path):
+    """Command line > environment > user file > system file, for the address as a whole:
+    a URL in a file no longer beats the environment's host and port."""
+    write(home / ".canhazgpu.json", json.dumps({"redis": {"url": "redis://:pw@filehost:7000/4"}}))
+    url, shown = address({"CANHAZGPU_REDIS_HOST": "envhost", "CANHAZGPU_REDIS_PORT": "7001"})
+    assert url == "redis://:pw@envhost:7001/4"
+    assert str(home / ".canhazgpu.json") in shown and "CANHAZGPU_REDIS_HOST" in shown
+    # --redis-host alone keeps the URL's port and db; --redis-db is applied to a URL.
+    url, _ = address({"CANHAZGPU_REDIS_URL": "redis://h:6390/2"}, {"redis.host": ("x", "--h")})
+    assert url == "redis://x:6390/2"
+    url, _ = address({"CANHAZGPU_REDIS_URL": "redis://h:6390/2"}, {"redis.db": (5, "--redis-db")})
+    assert url == "redis://h:6390/5"
+    # The user file's host beats a system file's URL; an environment URL beats both.
+    write(home / ".canhazgpu.json", json.dumps({"redis": {"host": "userhost"}}))
+    url, _ = address({"CANHAZGPU_REDIS_URL": "redis://envurl:1/0"})
+    assert url == "redis://envurl:1/0"
+    # A URL whose password holds '@' and '/' reaches redis-py percent-encoded.
+    url, shown = address({"CANHAZGPU_REDIS_URL": "redis://:p@ss/w0rd@h:6379/0"})
+    assert url == "redis://:p%40ss%2Fw0rd@h:6379/0" and "w0rd" not in shown
+    # A unix socket keeps its db; a host from above switches to TCP.
+    url, _ = address({"CANHAZGPU_REDIS_URL": "unix:///run/r.sock?db=2"})
+    assert url == "unix:///run/r.sock?db=2"
+    url, _ = address({"CANHAZGPU_REDIS_URL": "unix:///run/r.sock"}, {"redis.port": (7, "--p")})
+    assert url == "redis://localhost:7/0"
 
 
 @pytest.mark.parametrize(
@@ -1343,6 +1414,7 @@ def test_store_address_from_url_or_host_port(home):
         ("redis://alice:hunter2@h/0", "redis://alice:***@h/0"),
         ("rediss://alice:p%40ss@h:6380", "rediss://alice:***@h:6380"),
         ("redis://:p@ss:w0rd@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://:p@ss/w0rd@host/0", "redis://:***@host/0"),
         ("unix:///run/redis.sock?db=0", "unix:///run/redis.sock?db=0"),
         (
             "unix:///run/redis.sock?db=0&password=hunter2",

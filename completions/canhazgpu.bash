@@ -83,7 +83,7 @@ _canhazgpu()
     )
     local -A opts=(
         [_]="--version"
-        [admin]="-g --gpus --force -p --provider"
+        [admin]="-g --gpus --force -y --yes -p --provider"
         [status]="-j --json --no-color"
         [run]="$request -t --timeout --signal --kill-after"
         [reserve]="$request -d --duration -f --force -s --short"

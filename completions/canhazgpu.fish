@@ -125,6 +125,7 @@ for prog in canhazgpu chg
     set -l admin '__canhazgpu_using admin'
     complete -c $prog -n $admin -s g -l gpus -x -d 'number of GPUs in the pool'
     complete -c $prog -n $admin -l force -d 're-initialise an existing pool, ending every reservation'
+    complete -c $prog -n $admin -s y -l yes -d 'with --force: do not ask on a terminal'
     complete -c $prog -n $admin -s p -l provider -x -d 'how GPU usage is validated (default: detected)' \
         -a 'nvidia\t"NVIDIA GPUs, checked with nvidia-smi"
             amd\t"AMD GPUs, checked with amd-smi"

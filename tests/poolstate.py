@@ -99,3 +99,17 @@ def parse_table(text):
             row[name] = line[start:end].strip()
         rows.append(row)
     return names, rows
+
+
+def wait_for(condition, timeout=20.0, what="condition"):
+    """Poll `condition` until it returns something truthy (returned); fail naming `what`."""
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}", pytrace=False)
+        time.sleep(0.02)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from poolstate import (
     init_pool,
     me,
     parse_table,
+    wait_for,
 )
 
 STATUS_COLUMNS = ["GPU", "STATUS", "USER", "DURATION", "TYPE", "DETAILS", "VALIDATION", "NOTE"]
@@ -575,13 +577,18 @@ def test_release_by_ids(cli, pool):
     cli("reserve", "-G", 0, check=True)
     hold(pool, 4, user=me(), kind="run")
     hold(pool, 6, user="bob", kind="manual")
+    # An id outside the pool is a usage error, as for run and reserve: nothing is released.
     p = cli("release", "--gpu-ids", "0,4,5,6,99")
-    assert p.returncode == 0
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.startswith("Error: GPU 99 is not in the pool (GPUs 0-7)\n")
+    assert list(holders(pool)) == [0, 4, 6]
+    # Any refused id makes it exit 1, each one an `Error:` line; the rest is released.
+    p = cli("release", "--gpu-ids", "0,4,5,6")
+    assert p.returncode == 1
     assert p.stdout == "Released 2 GPU(s): [0, 4]\n"
-    assert error_lines(p.stderr) == [
-        "GPU 5 is not reserved",
-        f"GPU 6 is reserved by bob, not by you ({me()})",
-        "GPU 99 is not in the pool",
+    assert p.stderr.splitlines() == [
+        "Error: GPU 5 is not reserved",
+        f"Error: GPU 6 is reserved by bob, not by you ({me()})",
     ]
     assert list(holders(pool)) == [6]
     p = cli("release", "-G", "5,6")
@@ -595,7 +602,9 @@ def test_release_ownership_is_the_real_account(cli, pool):
     assert cli("release", check=True).stdout.startswith("No manually reserved GPUs")
     p = cli("release", "-G", 2)
     assert p.returncode == 1
-    assert error_lines(p.stderr) == [f"GPU 2 is reserved by bob ({me()}), not by you ({me()})"]
+    assert error_lines(p.stderr) == [
+        f"Error: GPU 2 is reserved by bob ({me()}), not by you ({me()})"
+    ]
     cli("reserve", "--user", "somebody-else", check=True)  # ours, whatever the name
     assert cli("release", check=True).stdout == "Released 1 GPU(s): [0]\n"
     assert list(holders(pool)) == [2]
@@ -718,14 +727,35 @@ def test_memory_threshold_from_environment_and_flag(cli, pool, fake_smi):
     assert p.returncode == 0
 
 
-def test_heartbeat_timeout_from_environment(cli, pool):
-    hold(pool, 1, last_heartbeat=time.time() - 120)
-    assert json.loads(cli("status", "-j", check=True).stdout)[1]["status"] == "IN_USE"
-    rows = json.loads(
-        cli("status", "-j", env={"CANHAZGPU_HEARTBEAT_TIMEOUT": "1m"}, check=True).stdout
-    )
-    assert rows[1]["status"] == "AVAILABLE"
-    assert [(h["user"], h["gpu_id"]) for h in history(pool)] == [("bob", 1)]
+def test_a_short_heartbeat_timeout_ends_no_one_elses_run(cli, pool, r):
+    """The double booking: `status` with a 1-second timeout ended another user's live run,
+    and its GPU was then reserved by someone else while the job ran."""
+    hold(pool, 1, last_heartbeat=time.time() - 120)  # a Go run: the built-in 15 minutes
+    live = cli.popen("run", "-G", 2, "--", "sleep", "30", stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: "user" in json.loads(r.get("canhazgpu:gpu:2") or "{}"))
+        assert json.loads(r.get("canhazgpu:gpu:2"))["heartbeat_timeout"] == 900
+        time.sleep(1.2)
+        short = {"CANHAZGPU_HEARTBEAT_TIMEOUT": "1s", "CANHAZGPU_HEARTBEAT_INTERVAL": "0.5s"}
+        rows = json.loads(cli("status", "-j", env=short, check=True).stdout)
+        assert rows[1]["status"] == "IN_USE" and rows[2]["status"] == "IN_USE"
+        p = cli("reserve", "-G", 2, "--nonblock", env=short)
+        assert p.returncode == 1 and "GPU 2 is reserved by" in p.stderr
+        assert history(pool) == []
+    finally:
+        live.terminate()
+        live.wait(10)
+    # A run made under a 1-second timeout does expire by it, whatever the viewer's setting.
+    short = {"CANHAZGPU_HEARTBEAT_TIMEOUT": "1s", "CANHAZGPU_HEARTBEAT_INTERVAL": "0.5s"}
+    stopped = cli.popen("run", "-G", 3, "--", "sleep", "30", env=short, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: "user" in json.loads(r.get("canhazgpu:gpu:3") or "{}"))
+        os.kill(stopped.pid, signal.SIGSTOP)  # no more beats
+        time.sleep(1.5)
+        assert json.loads(cli("status", "-j", check=True).stdout)[3]["status"] == "AVAILABLE"
+    finally:
+        os.kill(stopped.pid, signal.SIGKILL)
+        stopped.wait(10)
 
 
 def test_config_files(cli, pool, tmp_path):
@@ -788,6 +818,7 @@ def test_a_password_is_never_printed(cli):
 
 
 def test_redis_that_needs_a_password(cli, redis_server, r):
+    init_pool(r, 2)
     r.config_set("requirepass", "hunter2")
     try:
         p = cli("status")

@@ -399,10 +399,14 @@ def test_a_stale_entry_is_dropped_with_only_its_own_gpus(cli, r, command):
     qid = stale_setup(r, heartbeat_age=10)
     fast = {"CANHAZGPU_QUEUE_HEARTBEAT_TIMEOUT": "5s"}
 
-    cli(*command)  # the default timeout (2m): still alive
+    # A Go entry states no timeout: the built-in 2m applies, never the caller's own 5s,
+    # which would drop every other user's waiter.
+    cli(*command, env=fast)
     assert r.zrange(QUEUE, 0, -1) == [qid] and gpu(r, 1)["partial_queue_id"] == qid
 
-    cli(*command, env=fast)
+    entry = json.loads(r.get(ENTRY + qid))
+    r.set(ENTRY + qid, json.dumps(dict(entry, heartbeat_timeout=5)))  # its waiter's own 5s
+    cli(*command)
     assert r.zcard(QUEUE) == 0 and r.get(ENTRY + qid) is None
     assert "user" not in gpu(r, 1) and "last_released" in gpu(r, 1)
     assert gpu(r, 2)["user"] == "other"  # listed in allocated_gpus, but not the entry's any more

@@ -300,9 +300,9 @@ def test_host_and_port_come_from_the_config_file(cli, tmp_path):
 
 def test_metrics_parse_with_prometheus_client(cli, r, fake_smi, web):
     seed_pool(cli, r, fake_smi)
-    odd = 'q"uote\\back\nline'
-    r.delete("canhazgpu:gpu:2")
-    cli("reserve", "-G", "2", "--user", odd, "--nonblock", check=True)
+    odd = 'q"uote\\back\nline'  # --user refuses it; a client of its own may write it
+    state = dict(json.loads(r.get("canhazgpu:gpu:2")), user=odd, actual_user="svc-ml")
+    r.set("canhazgpu:gpu:2", json.dumps(state))
     server = web()
     got = server.get("/metrics")
     assert got.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
@@ -319,11 +319,12 @@ def test_metrics_parse_with_prometheus_client(cli, r, fake_smi, web):
     assert len(state) == 5 * 4 and sum(state.values()) == 5
     assert {gpu for (gpu, s), v in state.items() if v == 1 and s == "in_use"} == {"0", "1", "2"}
     assert state[("3", "unreserved")] == 1 and state[("4", "error")] == 1
+    me = json.loads(cli("status", "--json").stdout)[3]["unreserved_users"][0]
+    # Labelled by the real account and the display name: ("account", "user").
     assert samples(families, "canhazgpu_user_reserved_gpus") == {
-        XSS_USER: 1.0, "alice": 1.0, odd: 1.0,
+        (me, XSS_USER): 1.0, ("alice", "alice"): 1.0, ("svc-ml", odd): 1.0,
     }  # fmt: skip
-    me = json.loads(cli("status", "--json").stdout)[3]["unreserved_users"]
-    assert samples(families, "canhazgpu_user_unreserved_gpus") == {me[0]: 1.0}
+    assert samples(families, "canhazgpu_user_unreserved_gpus") == {(me, me): 1.0}
     assert samples(families, "canhazgpu_queue_length") == {(): 1.0}
     assert 90 <= samples(families, "canhazgpu_queue_oldest_wait_seconds")[()] < 600
     used = samples(families, "canhazgpu_gpu_memory_used_bytes")

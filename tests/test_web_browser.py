@@ -152,7 +152,8 @@ def test_dashboard_shows_the_seeded_pool(cli, r, fake_smi, web, open_page):
     assert queue.count() == 1 and "dave" in queue.text_content()
     assert "wants GPU 1" in queue.text_content()
     names = page.locator("#report-rows .r-name").all_text_contents()
-    assert names == ["carol", "alice", "bob", XSS_USER]  # by GPU hours: 12, 7, 2.5, ~0
+    me = pwd.getpwuid(os.getuid()).pw_name  # the account behind the --user display name
+    assert names == ["carol", "alice", "bob", f"{me} ({XSS_USER})"]  # GPU hours: 12, 7, 2.5, ~0
     assert page.locator("#banner").is_hidden()
     page.shot("dashboard-desktop-dark")
     assert page.problems == []

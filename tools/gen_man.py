@@ -41,9 +41,16 @@ SETTING_HELP = {
     "queue.heartbeat_timeout": "a waiter silent this long loses its place in the queue",
 }
 RUN_CHILD_ENVIRONMENT = [
-    ("CUDA_VISIBLE_DEVICES", "the reserved GPU ids, ascending (replacing any inherited value)"),
+    (
+        "CUDA_VISIBLE_DEVICES",
+        "the reserved GPU ids, ascending (replacing any inherited value); on AMD GPUs 0..n-1",
+    ),
     ("CUDA_DEVICE_ORDER", "PCI_BUS_ID unless already set, so CUDA numbers GPUs as nvidia-smi does"),
-    ("ROCR_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES", "the reserved ids, for AMD GPUs"),
+    ("ROCR_VISIBLE_DEVICES", "AMD GPUs: the reserved ids; ROCm applies it first"),
+    (
+        "HIP_VISIBLE_DEVICES",
+        "AMD GPUs: 0..n-1, since HIP counts among the GPUs that ROCR_VISIBLE_DEVICES left",
+    ),
     ("CANHAZGPU_GPU_IDS", "the reserved ids"),
 ]
 
