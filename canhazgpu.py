@@ -16,17 +16,7 @@ allocation and queue, supervisor, commands, web, entry point.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import re
-import shutil
 import signal
-import subprocess
-import sys
-import time
-import uuid
 
 
 def quiet_interrupts():
@@ -38,8 +28,19 @@ def quiet_interrupts():
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-if __name__ == "__main__":  # as early as the script can: before any definition below
+if __name__ == "__main__":  # the program's first line: before any other import
     quiet_interrupts()
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
 
 __version__ = "0.1.0"
 PROG = "canhazgpu"
@@ -580,6 +581,16 @@ local function ts(v)
   return t + off
 end
 
+-- The pool's own keys of another type (a hash for the queue) would fail the script
+-- half-way with a bare WRONGTYPE: say which key, and touch nothing.
+for key, want in pairs({queue = 'zset', usage_history_sorted = 'zset', gpu_count = 'string',
+    provider = 'string'}) do
+  local kind = redis.call('TYPE', P .. key).ok
+  if kind ~= 'none' and kind ~= want then
+    return redis.error_reply('BADKEY ' .. P .. key .. ' is a Redis ' .. kind .. ', not a ' .. want)
+  end
+end
+
 local function str(v) return type(v) == 'string' and v ~= '' end
 local function held(st) return type(st) == 'table' and str(st.user) end
 local function partial_of(st)
@@ -588,7 +599,8 @@ end
 local function owner(st) if str(st.actual_user) then return st.actual_user end return st.user end
 
 -- The pool: S[i] is the decoded state (false when unparseable), RAW[i] its JSON.
-local N = tonumber(redis.call('GET', P .. 'gpu_count') or '') or 0
+-- A pool size is digits only, as Python reads it too ('1e3' and '1.5' are no pool).
+local N = tonumber(string.match(redis.call('GET', P .. 'gpu_count') or '', '^%d+$')) or 0
 local S, RAW = {}, {}
 local FREED = false  -- something was released: wake the waiters
 local WAKE = false   -- a waiter's request was completed for it by this script: wake it
@@ -602,6 +614,10 @@ local function load_pool()
     local raws = redis.call('MGET', unpack(keys))
     for i = first, last do
       RAW[i] = raws[i - first + 1]
+      if not RAW[i] then  -- absent, or not a string at all: never ours to overwrite
+        local kind = redis.call('TYPE', keys[i - first + 1]).ok
+        if kind ~= 'none' then RAW[i] = '(a Redis ' .. kind .. ', not a state)' end
+      end
       if RAW[i] then S[i] = decode(RAW[i]) or false else S[i] = {} end
     end
   end
@@ -644,7 +660,8 @@ end
 
 local function load_queue()
   for _, qid in ipairs(redis.call('ZRANGE', P .. 'queue', 0, -1)) do
-    local e = decode(redis.call('GET', P .. 'queue:entry:' .. qid))
+    local raw = redis.pcall('GET', P .. 'queue:entry:' .. qid)  -- a wrong type: a dead entry
+    local e = type(raw) == 'string' and decode(raw) or nil
     local hb = e and (ts(e.last_heartbeat) or ts(e.enqueue_time))
     if hb and NOW - hb <= (tonumber(e.heartbeat_timeout) or A.defaults.queue_timeout) then
       Q[#Q + 1] = {qid = qid, e = e}
@@ -1091,6 +1108,7 @@ class Store:
                 decode_responses=True,
                 socket_connect_timeout=3,
                 socket_timeout=3,
+                encoding_errors="replace",  # a corrupt value must not fail every reader
                 retry=Retry(NoBackoff(), 0),
             )
         except ValueError as e:
@@ -1099,6 +1117,13 @@ class Store:
     def failure(self, error):
         """Turn a redis-py exception into one clear line."""
         import redis
+
+        if str(error).startswith("BADKEY "):  # a script found one of our keys mangled
+            key = str(error).split()[1]
+            return CanhazError(
+                f"Redis key {str(error)[7:].split(' script:')[0]}",
+                hint=f"nothing was changed; an admin can inspect it and `redis-cli DEL {key}`",
+            )
 
         # First: redis-py's AuthenticationError is a ConnectionError.
         if isinstance(error, redis.AuthenticationError) or "NOAUTH" in str(error):
@@ -2703,6 +2728,7 @@ def reserve_gpus(app, req):
 
 def cmd_reserve(app):
     req = request_from_args(app, "manual")
+    pool = app.pool()  # imports redis-py: a signal meanwhile finds nothing to give back
     try:
         # Until the ids are printed, a signal gives the GPUs back: nobody was told of
         # them, and they would stay reserved for the whole duration.
@@ -2715,7 +2741,7 @@ def cmd_reserve(app):
                 say(f"Reserved {len(gpus)} GPU(s): {gpus} for {format_duration(req.duration)}")
                 say(f"export CUDA_VISIBLE_DEVICES={ids}")
     except Interrupted:
-        app.pool().release(token=req.token)
+        pool.release(token=req.token)
         raise
     return 0
 

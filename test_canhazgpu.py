@@ -818,6 +818,7 @@ class Held:
 
     def __init__(self, user, kind, start):
         self.user, self.kind, self.start = user, kind, start
+        self.owner = user  # the real account: no --user display name here
 
     def time(self, field):
         return self.start if field == "start_time" else None

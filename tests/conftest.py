@@ -62,8 +62,9 @@ class RedisServer:
     """A private redis-server. `stop()`/`start()` keep the port (for outage tests);
     `freeze()`/`thaw()` SIGSTOP/SIGCONT it (a server that accepts but never answers)."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, extra=()):
         self.workdir = Path(workdir)
+        self.extra = list(extra)  # more redis-server options; later ones win
         self.port = free_port()
         self.socket_path = str(self.workdir / "redis.sock")
         self.logfile = self.workdir / "redis.log"
@@ -112,6 +113,7 @@ class RedisServer:
             "--daemonize", "no",
             "--dir", str(self.workdir),
             "--logfile", str(self.logfile),
+            *self.extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self._wait_ready(timeout)

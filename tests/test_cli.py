@@ -844,19 +844,6 @@ def test_redis_unreachable_by_host_and_port(cli):
     assert_one_error(cli("status", env=env), 1, f"localhost:{port}")
 
 
-@pytest.mark.parametrize("args", [["status"], ["reserve", "--nonblock"]])
-def test_frozen_redis_fails_fast(cli, redis_server, pool, args):
-    redis_server.freeze()
-    try:
-        start = time.monotonic()
-        p = cli(*args, timeout=30)
-        elapsed = time.monotonic() - start
-    finally:
-        redis_server.thaw()
-    assert elapsed < 5
-    assert_one_error(p, 1, f"127.0.0.1:{redis_server.port}")
-
-
 # --------------------------------------------------------------------------- usage errors
 
 BAD_INPUTS = [

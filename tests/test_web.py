@@ -212,10 +212,11 @@ def test_keep_alive_serves_many_requests_on_one_connection(cli, web):
 
 def test_pool_not_initialised_is_503_with_a_hint(cli, web):
     server = web()
-    got = server.get("/api/status")
-    assert got.status == 503
-    assert got.json()["error"] == "the GPU pool is not initialised"
-    assert "canhazgpu admin" in got.json()["hint"]
+    for path in ("/api/status", "/api/queue", "/api/report"):  # queue, report: they were 200
+        got = server.get(path)
+        assert got.status == 503, path
+        assert got.json()["error"] == "the GPU pool is not initialised"
+        assert "canhazgpu admin" in got.json()["hint"]
     assert server.get("/").status == 200
     families = metric_families(server.get("/metrics").text)
     assert samples(families, "canhazgpu_pool_gpus") == {(): 0.0}
