@@ -65,12 +65,13 @@ class UsageError(CanhazError):
         super().__init__(message, hint, code=2)
 
 
-def tell(text):
-    """A line of ours on stderr (stdout is the command's), unbuffered: after a hang-up
-    the terminal fails with EIO, which must neither stop us nor linger in a buffer
-    that fails again at exit.  Names and notes in it are other users' text: printable()."""
+def tell(text, end="\n", control=""):
+    """Every line of ours on stderr (stdout is the command's), unbuffered: after a
+    hang-up the terminal fails with EIO, which must neither stop us nor linger in a
+    buffer that fails again at exit.  Names and notes in `text` are other users'
+    text, so it is printable(); `control` is a terminal sequence of our own."""
     try:
-        os.write(2, printable(text).encode(errors="replace") + b"\n")
+        os.write(2, (control + printable(text) + end).encode(errors="replace"))
     except OSError:
         pass
 
@@ -89,6 +90,8 @@ def printable(text):
 def warn(message):
     tell(f"Warning: {message}")
 
+
+HISTORY_DAYS = 90  # usage records are kept this long; reports reach this far back
 
 # Every setting: config key -> (kind, built-in default, environment variable).  The
 # defaults live here alone: help texts and `Config` take them from this table.
@@ -153,7 +156,7 @@ def convert_setting(kind, value):
         "port": (1, 65535),
         "count": (1, 1 << 16),
         "count0": (0, 1 << 40),
-        "days": (1, 90),
+        "days": (1, HISTORY_DAYS),
     }[kind]
     if not low <= number <= high:
         raise ValueError(f"expected a whole number from {low} to {high}")
@@ -504,7 +507,7 @@ def rfc3339(t):
 # Redis state and Lua scripts
 # ============================================================================
 #
-# Keys (shared with the Go implementation; see SPEC.md section 4):
+# Keys (shared with the Go implementation; the README's "Redis data" lists them all):
 #   canhazgpu:gpu_count, canhazgpu:provider, canhazgpu:gpu:{id} (JSON),
 #   canhazgpu:usage_history_sorted (zset of JSON records scored by end time),
 #   canhazgpu:queue (zset of entry ids scored by enqueue time in ns),
@@ -513,11 +516,19 @@ def rfc3339(t):
 
 KEY = "canhazgpu:"
 EVENTS = KEY + "events"
-HISTORY_DAYS = 90
 
-# Shared by every script.  Each script gets one JSON argument, A.  Lua's cjson
-# writes at most 14 significant digits and turns [] into {}, which would break
-# Go readers of nanosecond fields and lists, so the scripts encode with enc().
+# Every script is LUA_LIB followed by its own body, with this contract:
+#   KEYS:    none: every key is named from the prefix canhazgpu: (one pool, one node).
+#   ARGV[1]: A, one JSON object.  Store.script() always sets
+#            now (Unix s), heartbeat {interval, timeout} (put on the runs this script
+#            grants), queue_timeout (put on the entries it queues), history_days,
+#            defaults {heartbeat_timeout, queue_timeout} (for records that state none);
+#            each script's own fields are listed at its top.
+#   reply:   a JSON string made by enc(), unless the script says otherwise.
+#   errors:  BADKEY <key> ... when one of the pool's keys holds another Redis type;
+#            nothing is changed then.
+# Lua's cjson writes at most 14 significant digits and turns [] into {}, which would
+# break Go readers of nanosecond fields and lists, so the scripts encode with enc().
 LUA_LIB = r"""
 local P = 'canhazgpu:'
 local unpack = unpack or table.unpack
@@ -648,10 +659,16 @@ end
 -- Q: live queue entries in order, each {qid=, e=}; LIVE[qid] = entry.
 local Q, LIVE = {}, {}
 
-local function drop_entry(qid)
+-- A queue entry leaves the queue (its GPUs are the caller's business).
+local function remove_entry(qid)
   redis.call('ZREM', P .. 'queue', qid)
   redis.call('DEL', P .. 'queue:entry:' .. qid)
   LIVE[qid] = nil
+end
+
+-- A dead or cancelled entry: gone, and the GPUs it had gathered freed.
+local function drop_entry(qid)
+  remove_entry(qid)
   for i = 0, N - 1 do
     if partial_of(S[i]) == qid then free(i) end
   end
@@ -712,13 +729,16 @@ end
 local function finish()
   if FREED then
     redis.call('ZREMRANGEBYSCORE', P .. 'usage_history_sorted', '-inf',
-      string.format('(%d', math.floor(NOW - 86400 * 90)))
+      string.format('(%d', math.floor(NOW - 86400 * A.history_days)))
   end
   if FREED or WAKE then redis.call('PUBLISH', P .. 'events', FREED and 'released' or 'complete') end
 end
 """
 
-# status, queue and web: end what has expired, then return the whole pool.
+# snapshot: status, queue, report and web.  Ends what has expired, then returns the pool.
+#   A:     nothing of its own.
+#   reply: a Redis array (not JSON): {gpu_count, provider or false, {state JSON or false
+#          for each GPU}, {entry JSON for each live queue entry, in order}}.
 LUA_SNAPSHOT = r"""
 settle()
 finish()
@@ -728,6 +748,11 @@ for k, q in ipairs(Q) do queue[k] = enc(q.e) end
 return {N, redis.call('GET', P .. 'provider') or false, states, queue}
 """
 
+# admin: initialise the pool, or with force re-initialise it, ending every reservation
+# (with usage records) and emptying the queue.
+#   A:     count (GPUs), provider (nvidia, amd, fake), force (bool).
+#   reply: {status = 'exists', count, provider} when a pool exists and force is not set;
+#          {status = 'ok', ended (reservations ended), old (the old count, or absent)}.
 LUA_ADMIN = r"""
 local old = tonumber(redis.call('GET', P .. 'gpu_count') or '')
 if old and not A.force then
@@ -749,8 +774,12 @@ finish()
 return enc({status = 'ok', ended = ended, old = old})
 """
 
-# Release by ids (any type, the caller's own), by token (run's own GPUs, a
-# cancelled waiter's), or every manual reservation of the caller.
+# release: by ids (any type, the caller's own), by token (a run's own GPUs, or a
+# cancelled waiter's), or, with neither, every manual reservation of the caller.
+#   A:     actual_user (the caller's account); ids (list), token, entry (a queue entry
+#          to remove with the GPUs it gathered) - each optional.
+#   reply: {results = [{gpu, result = released|free|other|range|corrupt, type?, user?,
+#          actual_user?}]}, one per GPU looked at.
 LUA_RELEASE = r"""
 load_pool()
 local results = {}
@@ -779,19 +808,20 @@ for i = 0, N - 1 do
   end
 end
 if A.entry then
-  redis.call('ZREM', P .. 'queue', A.entry)
-  redis.call('DEL', P .. 'queue:entry:' .. A.entry)
   for i = 0, N - 1 do
-    if partial_of(S[i]) == A.entry then release(i) end
+    if partial_of(S[i]) == A.entry then release(i) end  -- each checked as ours, reported
   end
+  remove_entry(A.entry)
   FREED = true
 end
 finish()
 return enc({results = results})
 """
 
-# Compare-and-set on the reservation token: a stale supervisor can never
-# extend a GPU that has since passed to someone else.
+# heartbeat: a run's beat, compare-and-set on the reservation token, so a stale
+# supervisor can never extend a GPU that has since passed to someone else.
+#   A:     token, gpus (ids).
+#   reply: {lost = [ids no longer held with this token]}.
 LUA_HEARTBEAT = r"""
 local lost = {}
 for _, i in ipairs(A.gpus) do
@@ -807,8 +837,16 @@ end
 return enc({lost = lost})
 """
 
-# Allocation and the FCFS queue, in one atomic step.  A.req is the request; with
-# A.req.entry set the caller is a waiter polling its place in the queue.
+# allocate: allocation and the FCFS queue, in one atomic step.
+#   A:     req {user, actual_user, type (run|manual), count, ids?, duration (s, manual),
+#          note?, token, force?, host, pid, block, wait? (s), entry? (our queue entry:
+#          a waiter's poll), new_entry and enqueue_ns (when block and no entry)};
+#          unreserved (ids the hardware shows in use).
+#   reply: {status = 'ok', gpus} | {status = 'queued', position, have, need, waiting}
+#          | {status = 'unavailable', free, unreserved, held_back, waiting, reasons =
+#          [{gpu, reason = held|unreserved|queued|corrupt, user?, type?}]}
+#          | {status = 'invalid', reason = toomany|range, gpu?, pool} | {status = 'nopool'}
+#          | {status = 'gone'} (a poll whose entry was dropped as stale).
 #
 # Fairness without head-of-line blocking: walking the queue in order, each
 # waiter gathers the free GPUs it may take; a waiter still short of a *count*
@@ -973,8 +1011,7 @@ local function complete(qid, have, req)
     if req.type == 'manual' then st.expiry_time = NOW + req.duration else heartbeat_terms(st) end
     put(i, st)
   end
-  redis.call('ZREM', P .. 'queue', qid)
-  redis.call('DEL', P .. 'queue:entry:' .. qid)
+  remove_entry(qid)
   finish()
   return enc({status = 'ok', gpus = have})
 end
@@ -1006,9 +1043,17 @@ end
 
 for _, q in ipairs(Q) do gather(q.qid, q.e) end
 
-local req = {user = R.user, actual_user = R.actual_user, type = R.type, count = R.count,
-  ids = R.ids or {}, note = R.note, token = R.token, host = R.host, pid = R.pid,
-  force = R.force == true, duration = R.duration}
+-- The newcomer as the queue entry it becomes if it waits; as a request, read from that.
+local e = {id = R.new_entry, user = R.user, actual_user = R.actual_user,
+  requested_count = R.count, allocated_gpus = {}, reservation_type = R.type,
+  enqueue_time = NOW, last_heartbeat = NOW, reservation_id = R.token, host = R.host,
+  pid = R.pid, heartbeat_timeout = A.queue_timeout}
+if R.ids and #R.ids > 0 then e.requested_ids = R.ids end
+if R.type == 'manual' then e.expiry_duration = math.floor(R.duration * 1e9 + 0.5) end
+if str(R.note) then e.note = R.note end
+if R.force then e.force = true end
+if R.wait then e.wait_timeout = NOW + R.wait end  -- Go's field is the deadline, a time
+local req = request_of(e, R.token)
 local missing, need = lacking(req, {})
 local cands = candidates(req, missing)
 if #cands >= need then
@@ -1045,15 +1090,6 @@ if not R.block then
 end
 
 -- Join the queue at its tail and gather what no earlier waiter holds back.
-local e = {id = R.new_entry, user = R.user, actual_user = R.actual_user,
-  requested_count = R.count, allocated_gpus = {}, reservation_type = R.type,
-  enqueue_time = NOW, last_heartbeat = NOW, reservation_id = R.token, host = R.host,
-  pid = R.pid, heartbeat_timeout = A.queue_timeout}
-if #req.ids > 0 then e.requested_ids = req.ids end
-if R.type == 'manual' then e.expiry_duration = math.floor(R.duration * 1e9 + 0.5) end
-if str(R.note) then e.note = R.note end
-if R.force then e.force = true end
-if R.wait then e.wait_timeout = NOW + R.wait end  -- Go's field is the deadline, a time
 redis.call('ZADD', P .. 'queue', R.enqueue_ns, R.new_entry)
 redis.call('SET', P .. 'queue:entry:' .. R.new_entry, enc(e))
 Q[#Q + 1] = {qid = R.new_entry, e = e}
@@ -1073,6 +1109,15 @@ def require_module(name, debian_package):
             f"the Python package '{name}' is not installed for {sys.executable}",
             hint=f"install it: apt-get install {debian_package}, or pip install {name}",
         ) from None
+
+
+def json_object(raw):
+    """A JSON object read from Redis, or None (malformed, or not an object)."""
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class Store:
@@ -1155,6 +1200,7 @@ class Store:
             "timeout": self.config["heartbeat.timeout"],
         }
         args["queue_timeout"] = self.config["queue.heartbeat_timeout"]
+        args["history_days"] = HISTORY_DAYS
         args["defaults"] = {
             "heartbeat_timeout": SETTINGS["heartbeat.timeout"][1],
             "queue_timeout": SETTINGS["queue.heartbeat_timeout"][1],
@@ -1175,6 +1221,32 @@ class Store:
             return getattr(self.redis, method)(*args)
         except redis.RedisError as e:
             raise self.failure(e) from None
+
+    def subscribe(self, channel):
+        """A pub/sub subscription (a connection of its own), Redis checked first."""
+        self.do("ping")
+        events = self.redis.pubsub(ignore_subscribe_messages=True)
+        events.subscribe(channel)
+        return events
+
+    def reconnect(self):
+        """Drop every connection: the next command starts afresh (a signal may have cut
+        a reply in half)."""
+        self.redis.connection_pool.disconnect()
+
+    def history(self, since):
+        """Usage records that ended after `since`: the sorted set, plus the legacy
+        per-record keys of old versions (read with SCAN, never KEYS)."""
+        import redis
+
+        try:
+            raws = self.redis.zrangebyscore(KEY + "usage_history_sorted", since, "+inf")
+            legacy = list(self.redis.scan_iter(match=KEY + "usage_history:*", count=1000))
+            if legacy:
+                raws += [raw for raw in self.redis.mget(legacy) if raw]
+        except redis.RedisError as e:
+            raise self.failure(e) from None
+        return [rec for rec in map(json_object, raws) if rec is not None]
 
 
 # ============================================================================
@@ -1564,11 +1636,6 @@ class Reservation:
     def time(self, field):
         return parse_time(self.data.get(field))
 
-    def display_user(self):
-        """'actual (display)' when --user named someone else."""
-        user, actual = self.data.get("user"), self.data.get("actual_user")
-        return f"{actual} ({user})" if actual and actual != user else user
-
 
 class Snapshot:
     """The pool and the queue as one script saw them, after ending what expired."""
@@ -1625,12 +1692,14 @@ def not_initialised():
 
 
 class Pool:
-    """The GPU pool in Redis, with the provider that validates it."""
+    """The GPU pool in Redis, with the provider that validates it.  Its size and
+    provider name are read once per command (require() or snapshot())."""
 
     def __init__(self, store, config, provider=None):
         self.store, self.config = store, config
         self._provider = provider  # started early by main() when it could guess
         self._warned = False
+        self.count = self.kind = None  # GPUs in the pool; its provider's name
 
     def snapshot(self, now=None, required=True):
         """The pool after ending what expired; an uninitialised pool is an error
@@ -1638,28 +1707,36 @@ class Pool:
         snap = Snapshot(self.store.script("snapshot", now=now))
         if required and not snap.count:
             raise not_initialised()
+        self.count, self.kind = snap.count, snap.provider
         return snap
 
-    def provider(self, name, count):
+    def require(self):
+        """The size of an initialised pool (read once), or a clear error."""
+        if self.count is None:
+            count, kind = self.store.do("mget", KEY + "gpu_count", KEY + "provider")
+            if not count or not str(count).isdigit() or int(count) == 0:
+                raise not_initialised()
+            self.count, self.kind = int(count), kind or "nvidia"
+        return self.count
+
+    def provider(self):
         """The provider for this pool, reusing the one main() started if it fits."""
-        if self._provider is not None and self._provider.name == name:
-            self._provider.count = count
+        self.require()
+        if self._provider is not None and self._provider.name == self.kind:
+            self._provider.count = self.count
             return self._provider
-        if self._provider is not None:
-            self._provider.discard()
-        self._provider = Provider.create(name, count)
+        self.close()
+        self._provider = Provider.create(self.kind, self.count)
         return self._provider
 
-    def require(self):
-        """(count, provider name) of an initialised pool, or a clear error."""
-        count, name = self.store.do("mget", KEY + "gpu_count", KEY + "provider")
-        if not count or not str(count).isdigit() or int(count) == 0:
-            raise not_initialised()
-        return int(count), name or "nvidia"
+    def close(self):
+        """Stop the provider's queries, if still running: no stray children of ours."""
+        if self._provider is not None:
+            self._provider.discard()
 
-    def unreserved(self, name, count):
+    def unreserved(self):
         """GPUs the hardware shows in use: the script skips those that no one holds."""
-        provider = self.provider(name, count)
+        provider = self.provider()
         try:
             usage = provider.usage()
         except ProviderError as e:
@@ -1675,12 +1752,13 @@ class Pool:
             warn(message)
             self._warned = True
 
-    def allocate(self, req, name, count, block=False, entry=None, wait=None, fresh=False):
-        """One atomic allocation step; see LUA_ALLOCATE for the replies."""
+    def allocate(self, req, block=False, entry=None, wait=None, fresh=False):
+        """One atomic allocation step; see LUA_ALLOCATE for the replies.  `fresh`: ask
+        the provider anew (a waiter's poll), not what it said at the start."""
         if fresh:
             self._provider = None
         # Passed even with --force: the script also runs the queue for other waiters.
-        unreserved = self.unreserved(name, count)
+        unreserved = self.unreserved()
         args = dict(req.lua(), block=block, entry=entry, wait=wait)
         if block and not entry:
             # Known before the script runs, so a signal that cuts its reply can still cancel it.
@@ -1703,7 +1781,8 @@ class Pool:
 
 
 class Interrupted(BaseException):
-    """A signal that ends a command before its GPUs are in use (rule 12 of run's design)."""
+    """A signal that ends a command before its GPUs are in use: INT, TERM, HUP or QUIT
+    while reserving or queued cancel the request, and nothing runs."""
 
     def __init__(self, signum):
         super().__init__(signum)
@@ -1741,20 +1820,19 @@ def acquire(pool, req, block=True, wait=None, progress=None):
     met now with block=False, raises CanhazError; a signal while waiting
     cancels the queue entry and any gathered GPUs, then raises Interrupted.
     """
-    count, name = pool.require()
-    validate_request(req, count)
+    validate_request(req, pool.require())
     try:
         with CancelOnSignals():
-            reply = pool.allocate(req, name, count, block=block, wait=wait)
+            reply = pool.allocate(req, block=block, wait=wait)
             if reply["status"] == "queued":
-                reply = Waiter(pool, req, name, count, reply, wait, progress).wait()
+                reply = Waiter(pool, req, reply, wait, progress).wait()
             if reply["status"] != "ok":
-                raise allocation_error(reply, req, count)
+                raise allocation_error(reply, req)
             return reply["gpus"]
     except Interrupted:
         # The signal may have cut a reply in half: cancel on a fresh connection.
         # The token also frees GPUs granted by a script whose reply we never read.
-        pool.store.redis.connection_pool.disconnect()
+        pool.store.reconnect()
         pool.release(token=req.token, entry=req.entry)
         raise
 
@@ -1763,18 +1841,16 @@ class Waiter:
     """A request in the queue: woken by releases (pub/sub), polling as a safety
     net; each poll is also the heartbeat that keeps the entry alive."""
 
-    def __init__(self, pool, req, name, count, reply, wait, progress):
-        self.pool, self.req, self.name, self.count = pool, req, name, count
+    def __init__(self, pool, req, reply, wait, progress):
+        self.pool, self.req = pool, req
         self.reply, self.wait_for, self.progress = reply, wait, progress
         self.started = time.monotonic()
         # Each poll is the heartbeat: several per queue heartbeat timeout, however short.
         self.interval = min(QUEUE_POLL, pool.config["queue.heartbeat_timeout"] / 4)
 
     def wait(self):
-        events = self.pool.store.redis.pubsub(ignore_subscribe_messages=True)
+        events = self.pool.store.subscribe(EVENTS)
         try:
-            self.pool.store.do("ping")
-            events.subscribe(EVENTS)
             reply = self.poll()  # a release may have come before the subscription
             next_poll = time.monotonic() + self.interval
             while reply["status"] == "queued":
@@ -1817,13 +1893,60 @@ class Waiter:
             return True
 
     def poll(self):
-        reply = self.pool.allocate(
-            self.req, self.name, self.count, block=True, entry=self.req.entry, fresh=True
-        )
+        reply = self.pool.allocate(self.req, block=True, entry=self.req.entry, fresh=True)
         if reply["status"] == "gone":  # dropped as stale (e.g. while stopped): queue again
             warn("our place in the queue had expired; queueing again")
-            reply = self.pool.allocate(self.req, self.name, self.count, block=True, fresh=True)
+            reply = self.pool.allocate(self.req, block=True, fresh=True)
         return reply
+
+
+def kind_key(kind):
+    return "reserve" if kind == "manual" else "run"
+
+
+def wait_options(config, kind, nonblock):
+    """(block, wait seconds or None) from --nonblock, or --wait and its config default."""
+    if nonblock:
+        return False, None
+    return True, config[f"{kind_key(kind)}.wait"]
+
+
+CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and clear it
+
+
+class QueueLine:
+    """The live stderr line of a waiting request: only on a terminal."""
+
+    def __init__(self, req):
+        self.req = req
+        self.tty = sys.stderr.isatty()
+        self.shown = False
+
+    def __call__(self, reply, waited):
+        have, need = len(reply["have"]), reply["need"]
+        text = (
+            f"Waiting for {self.req.describe()}: position {reply['position']} in the queue"
+            + (f", {have}/{have + need} gathered" if have else "")
+            + f", waited {format_duration(waited)}"
+        )
+        if self.tty:
+            tell(text, end="", control=CLEAR_LINE)
+        elif not self.shown:
+            tell(text.split(", waited")[0])
+        self.shown = True
+
+    def clear(self):
+        if self.tty and self.shown:
+            tell("", end="", control=CLEAR_LINE)
+
+
+def reserve_gpus(pool, req, block, wait):
+    """acquire(), showing the waiting line on a terminal."""
+    line = QueueLine(req)
+    try:
+        return acquire(pool, req, block=block, wait=wait, progress=line)
+    finally:
+        line.clear()
 
 
 def validate_request(req, count):
@@ -1842,7 +1965,7 @@ def check_ids(ids, count):
         )
 
 
-def allocation_error(reply, req, count):
+def allocation_error(reply, req):
     status = reply["status"]
     if status == "nopool":
         return not_initialised()
@@ -1882,8 +2005,10 @@ def allocation_error(reply, req, count):
 # Supervisor
 # ============================================================================
 #
-# `run` is designed in shared/design/run-supervision.md (the rule numbers below
-# are its).  canhazgpu stays the parent of the command for its whole life: the
+# The README's "`canhazgpu run`" section is the user's view of this; tini, sudo and
+# GNU timeout are what it was measured against.  canhazgpu stays the parent of the
+# command for its whole life (so it sees exec failures, stops and exit statuses, and
+# no PID is ever polled): the
 # command gets a process group of its own (and the terminal, when `run` is a job
 # of an interactive shell); every signal sent to `run` reaches that group once;
 # a heartbeat thread keeps the reservation alive; and when the command ends,
@@ -1964,6 +2089,25 @@ def die_of(sig):
     os._exit(128 + sig)
 
 
+def prepare_child(tty, prctl, parent, defaults):
+    """In the command's process, between fork and exec (every signal we catch is
+    blocked): a group of its own, the terminal if `tty`, the parent-death signal, and
+    default dispositions with nothing blocked."""
+    os.setpgid(0, 0)
+    if tty is not None:
+        os.tcsetpgrp(tty, os.getpgrp())
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # we died before the death signal was set
+            os._exit(128 + signal.SIGTERM)
+    for sig in defaults:
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 class Heartbeat:
     """Keeps a run's reservation alive from a thread of its own.
 
@@ -2015,7 +2159,7 @@ class Heartbeat:
         except Exception as e:  # this thread must outlive any failure: the command goes on
             if not self.unreachable:
                 self.unreachable = True
-                tell(f"Warning: heartbeat failed: {e}; the command goes on, canhazgpu keeps trying")
+                warn(f"heartbeat failed: {e}; the command goes on, canhazgpu keeps trying")
             return
         self.last_beat = time.monotonic()
         if self.unreachable:
@@ -2026,8 +2170,8 @@ class Heartbeat:
             if self.reacquire(sorted(newly)):
                 lost -= newly
         elif newly:
-            tell(
-                f"Warning: the reservation of GPU(s) {sorted(newly)} was taken away "
+            warn(
+                f"the reservation of GPU(s) {sorted(newly)} was taken away "
                 "(released or expired); the command goes on without it"
             )
         self.lost = lost
@@ -2038,8 +2182,7 @@ class Heartbeat:
         again = Request("run", len(ids), ids=ids, note=self.req.note, user=self.req.user)
         again.force, again.token = True, self.req.token  # one token: one final release
         try:
-            count, name = self.pool.require()
-            ok = self.pool.allocate(again, name, count)["status"] == "ok"
+            ok = self.pool.allocate(again)["status"] == "ok"
         except CanhazError:
             ok = False
         if ok:
@@ -2054,24 +2197,25 @@ class Heartbeat:
 
 class Supervisor:
     """One `run`: reserve, start the command, supervise it, clean up after it,
-    release, and end as the command ended (rules 1-12)."""
+    release, and end as the command ended."""
 
-    def __init__(self, app, req, argv, timeout, timeout_signal, kill_after):
-        self.app, self.req, self.argv = app, req, argv
+    def __init__(self, pool, req, argv, wait, timeout, timeout_signal, kill_after):
+        """wait: (block, seconds or None) as wait_options() gives it."""
+        self.pool, self.req, self.argv, self.wait = pool, req, argv, wait
         self.timeout, self.timeout_signal, self.kill_after = timeout, timeout_signal, kill_after
-        self.pool = app.pool()
         self.pending = []  # signals caught, for the main loop
         self.popen = self.pid = self.pgid = self.status = self.tty = None
         self.deadline = self.kill_at = None  # monotonic times of the timeout's two steps
         self.timed_out = self.gave_terminal = self.group_gone = False
 
     def run(self):
-        """Never returns: the process ends as the command did (rule 10)."""
-        _, self.provider = self.pool.require()
+        """Never returns: the process ends as the command did, through os._exit, so that
+        a flush failing at exit (a terminal hung up) cannot change the status."""
+        self.pool.require()
         self.catch_signals()
-        self.ids = reserve_gpus(self.app, self.req)
+        self.ids = reserve_gpus(self.pool, self.req, *self.wait)
         signal.pthread_sigmask(signal.SIG_BLOCK, self.caught)  # until the command runs
-        self.app.close()  # the provider's queries are done with: no stray children of ours
+        self.pool.close()  # the provider's queries are done with: no stray children of ours
         self.cancel_if_signalled()
         tell(f"Reserved {len(self.ids)} GPU(s): {self.ids} for command execution")
         try:
@@ -2079,7 +2223,7 @@ class Supervisor:
         except BaseException:
             self.release()
             raise
-        config = self.app.config
+        config = self.pool.config
         self.heartbeat = Heartbeat(
             self.pool, self.req, self.ids, config["heartbeat.interval"], config["heartbeat.timeout"]
         )
@@ -2098,7 +2242,7 @@ class Supervisor:
     # -- signals
 
     def catch_signals(self):
-        """Rule 2, before anything is reserved: our handlers in place, a signal the
+        """Before anything is reserved: our handlers in place, a signal the
         caller ignored left ignored (nohup), except SIGCHLD: with SIG_IGN inherited the
         kernel would reap the command and its status would be lost."""
         ignored = {s for s in (*FORWARDED, signal.SIGTSTP) if signal.getsignal(s) == signal.SIG_IGN}
@@ -2122,7 +2266,7 @@ class Supervisor:
         self.pending.append(signum)  # the wake-up fd wakes the main loop
 
     def cancel_if_signalled(self):
-        """Rule 12, for the moment between the reservation and the fork (acquire()
+        """A signal between the reservation and the fork (acquire()
         covers the wait before): release and die of the signal, nothing runs.  Other
         signals that came before the command are dropped: delivered at its start, a
         SIGUSR1 would kill it before it could set up its handler."""
@@ -2133,7 +2277,8 @@ class Supervisor:
         self.pending.clear()
 
     def handle_signals(self):
-        """Rule 4: what is sent to us goes to the command's group, once, unchanged."""
+        """What is sent to us goes to the command's group, once, unchanged: SLURM's
+        SIGUSR1 warning must reach the training script, and `kill %1` reaches only us."""
         while self.pending:
             sig = self.pending.pop(0)
             if sig == signal.SIGCONT:
@@ -2159,7 +2304,7 @@ class Supervisor:
         ids = ",".join(map(str, sorted(self.ids)))
         env["CUDA_VISIBLE_DEVICES"] = ids
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's numbering = nvidia-smi's
-        if self.provider == "amd":
+        if self.pool.kind == "amd":
             env["ROCR_VISIBLE_DEVICES"] = ids
             within = ",".join(map(str, range(len(self.ids))))
             env["HIP_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] = within
@@ -2167,10 +2312,12 @@ class Supervisor:
         return env
 
     def start(self):
-        """Rule 3: fork the command into a process group of its own, with the terminal
-        when we are an interactive job (Decisions: Scripts), a parent-death signal, and
-        a clean signal state; then start the clock."""
+        """Fork the command into a process group of its own (the unit for signals, the
+        timeout and the clean-up), with the terminal only when we are a job of an
+        interactive shell (a script's terminal stays the script's), a parent-death
+        signal, and a clean signal state; then start the clock."""
         import errno
+        import functools
 
         env = self.environment()
         self.tty = controlling_tty()
@@ -2187,44 +2334,14 @@ class Supervisor:
             if s not in (signal.SIGKILL, signal.SIGSTOP)
             and not (s == signal.SIGHUP and self.hup_ignored)
         ]
-
-        def child():  # between fork and exec, with every signal we catch blocked
-            os.setpgid(0, 0)
-            if take:
-                os.tcsetpgrp(self.tty, os.getpgrp())
-            if prctl is not None:
-                prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-                if os.getppid() != parent:  # we died before the death signal was set
-                    os._exit(128 + signal.SIGTERM)
-            for sig in defaults:
-                try:
-                    signal.signal(sig, signal.SIG_DFL)
-                except (OSError, ValueError):
-                    pass
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-
+        tty = self.tty if take else None
+        child = functools.partial(prepare_child, tty, prctl, parent, defaults)
         try:
-            try:
-                self.popen = subprocess.Popen(
-                    self.argv, env=env, preexec_fn=child, close_fds=True, restore_signals=True
-                )
-            except OSError as e:
-                if e.errno != errno.ENOEXEC:
-                    raise
-                # A script without '#!': execvp(3), env and timeout run it with /bin/sh;
-                # Python's exec does not.
-                script = find_command(self.argv[0])
-                self.popen = subprocess.Popen(
-                    ["/bin/sh", script, *self.argv[1:]],
-                    env=env,
-                    preexec_fn=child,
-                    close_fds=True,
-                    restore_signals=True,
-                )
+            self.popen = self.spawn(env, child)
         except (OSError, subprocess.SubprocessError) as e:
             if take:
                 self.give_terminal(ours)  # the child may have taken it before exec failed
-            if isinstance(e, OSError):  # rule 1's codes, for a race or a shebang-less script
+            if isinstance(e, OSError):  # a shell's codes: 127 not found, 126 not executable
                 code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_NOT_EXECUTABLE
                 raise CanhazError(f"{self.argv[0]}: {e.strerror}", code=code) from None
             raise CanhazError(f"cannot start {self.argv[0]}: {e}") from None
@@ -2235,6 +2352,23 @@ class Supervisor:
         if self.catch_tstp:
             signal.signal(signal.SIGTSTP, self.caught_signal)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.caught)
+
+    def spawn(self, env, child):
+        import errno
+
+        try:
+            return subprocess.Popen(
+                self.argv, env=env, preexec_fn=child, close_fds=True, restore_signals=True
+            )
+        except OSError as e:
+            if e.errno != errno.ENOEXEC:
+                raise
+        # A script without '#!': execvp(3), env and timeout run it with /bin/sh; Python's
+        # exec does not.
+        argv = ["/bin/sh", find_command(self.argv[0]), *self.argv[1:]]
+        return subprocess.Popen(
+            argv, env=env, preexec_fn=child, close_fds=True, restore_signals=True
+        )
 
     def supervise(self):
         """Forward signals, follow stops and continues, run the clock: until the
@@ -2277,7 +2411,8 @@ class Supervisor:
                 self.popen.returncode = os.waitstatus_to_exitcode(status)  # no second wait
 
     def check_clock(self):
-        """Rule 5: at the timeout the signal, then SIGCONT; SIGKILL after the grace."""
+        """At the timeout the signal (SIGCONT too, for a stopped group); SIGKILL after
+        the grace.  The clock is monotonic: SIGALRM could be blocked by the caller."""
         now = time.monotonic()
         name = signal.Signals(self.timeout_signal).name
         if self.deadline is not None and now >= self.deadline:
@@ -2297,7 +2432,7 @@ class Supervisor:
             )
             self.signal_group(signal.SIGKILL)
 
-    # -- job control and the terminal (rule 8)
+    # -- job control and the terminal, as sudo does it
 
     def foreground(self):
         """The terminal's foreground process group, or None."""
@@ -2366,7 +2501,7 @@ class Supervisor:
     # -- the end
 
     def clean_up(self):
-        """Rules 6 and 11: what the command left (its group, and descendants that left
+        """What the command left (its group, and descendants that left
         the group and were re-parented to us) gets SIGTERM and SIGCONT, SIGKILL after
         the grace; the GPUs are released only when all of it is gone.  After a
         timeout the grace is what remains of --kill-after."""
@@ -2385,7 +2520,7 @@ class Supervisor:
                 tell(f"canhazgpu: sending SIGKILL to {len(left)} process(es) still running")
             if killed_at is not None:
                 if now - killed_at > SIGKILL_PATIENCE:
-                    tell(f"Warning: process(es) {left} survived SIGKILL; releasing the GPUs anyway")
+                    warn(f"process(es) {left} survived SIGKILL; releasing the GPUs anyway")
                     break
                 self.signal_each(left, signal.SIGKILL)
             else:  # each gets one SIGTERM, also those forked or re-parented meanwhile
@@ -2424,7 +2559,8 @@ class Supervisor:
                 pass
 
     def release(self):
-        """Rule 11: synchronously, before we exit; retried while Redis is briefly away."""
+        """Synchronously, before we exit, so `status` shows the GPU free the moment `run`
+        returns; retried while Redis is briefly away."""
         give_up = time.monotonic() + RELEASE_PATIENCE
         while True:
             try:
@@ -2432,9 +2568,9 @@ class Supervisor:
                 return
             except CanhazError as e:
                 if time.monotonic() >= give_up:
-                    timeout = format_span(self.app.config["heartbeat.timeout"])
-                    tell(
-                        f"Warning: could not release GPU(s) {self.ids}: {e}; "
+                    timeout = format_span(self.pool.config["heartbeat.timeout"])
+                    warn(
+                        f"could not release GPU(s) {self.ids}: {e}; "
                         f"they become free when their heartbeat expires ({timeout})"
                     )
                     return
@@ -2492,10 +2628,7 @@ def confirm_force(pool):
     holders = sorted({g.owner for g in snap.gpus if g.held})
     ended = sum(g.held for g in snap.gpus)
     who = f" of {', '.join(holders)}" if holders else ""
-    sys.stderr.write(
-        printable(f"This ends {ended} reservation(s){who} and empties the queue. Go on? [y/N] ")
-    )
-    sys.stderr.flush()
+    tell(f"This ends {ended} reservation(s){who} and empties the queue. Go on? [y/N] ", end="")
     answer = sys.stdin.readline().strip().lower()
     if answer not in ("y", "yes"):
         raise CanhazError("nothing changed", hint="--yes skips this question")
@@ -2546,14 +2679,7 @@ def status_rows(snap, usage, threshold, now):
                 last_heartbeat=rfc3339(gpu.time("last_heartbeat")),
                 expiry_time=rfc3339(gpu.time("expiry_time")),
             )
-            if gpu.partial:
-                row["details"] = "gathering for a queued request"
-            elif gpu.kind == "manual" and gpu.time("expiry_time"):
-                row["details"] = f"expires in {format_duration(gpu.time('expiry_time') - now)}"
-            elif gpu.time("last_heartbeat"):
-                row["details"] = (
-                    f"heartbeat {format_duration(now - gpu.time('last_heartbeat'))} ago"
-                )
+            row["details"] = held_details(gpu, now)
         elif hw is not None and hw.in_use(threshold):
             owners = sorted({p.owner or "unknown" for p in hw.processes}) or ["unknown"]
             procs = ", ".join(p.label() for p in hw.processes)
@@ -2577,6 +2703,16 @@ def status_rows(snap, usage, threshold, now):
     return rows
 
 
+def held_details(gpu, now):
+    if gpu.partial:
+        return "gathering for a queued request"
+    if gpu.kind == "manual" and gpu.time("expiry_time"):
+        return f"expires in {format_duration(gpu.time('expiry_time') - now)}"
+    if gpu.time("last_heartbeat"):
+        return f"heartbeat {format_duration(now - gpu.time('last_heartbeat'))} ago"
+    return None
+
+
 def validation_text(status, hw, usage):
     if usage is None:
         return "unavailable"
@@ -2595,7 +2731,7 @@ def validation_text(status, hw, usage):
 def cmd_status(app):
     pool = app.pool()
     snap = pool.snapshot()
-    provider = pool.provider(snap.provider, snap.count)
+    provider = pool.provider()
     try:
         usage = provider.usage()
         inspect_processes(usage)
@@ -2671,61 +2807,6 @@ def request_from_args(app, kind):
     )
 
 
-def kind_key(kind):
-    return "reserve" if kind == "manual" else "run"
-
-
-def wait_options(app, kind):
-    """(block, wait seconds or None) from --nonblock / --wait and config."""
-    if app.args.nonblock:
-        return False, None
-    return True, app.config[f"{kind_key(kind)}.wait"]
-
-
-class QueueLine:
-    """The live stderr line of a waiting request: only on a terminal."""
-
-    def __init__(self, req):
-        self.req = req
-        self.tty = sys.stderr.isatty()
-        self.shown = False
-
-    def __call__(self, reply, waited):
-        have, need = len(reply["have"]), reply["need"]
-        text = (
-            f"Waiting for {self.req.describe()}: position {reply['position']} in the queue"
-            + (f", {have}/{have + need} gathered" if have else "")
-            + f", waited {format_duration(waited)}"
-        )
-        try:
-            if self.tty:
-                sys.stderr.write("\r\x1b[K" + text)
-            elif not self.shown:
-                sys.stderr.write(text.split(", waited")[0] + "\n")
-            sys.stderr.flush()
-        except OSError:
-            pass
-        self.shown = True
-
-    def clear(self):
-        if self.tty and self.shown:
-            try:
-                sys.stderr.write("\r\x1b[K")
-                sys.stderr.flush()
-            except OSError:
-                pass
-
-
-def reserve_gpus(app, req):
-    """acquire() with the queue line and the --nonblock / --wait options."""
-    block, wait = wait_options(app, req.kind)
-    line = QueueLine(req)
-    try:
-        return acquire(app.pool(), req, block=block, wait=wait, progress=line)
-    finally:
-        line.clear()
-
-
 def cmd_reserve(app):
     req = request_from_args(app, "manual")
     pool = app.pool()  # imports redis-py: a signal meanwhile finds nothing to give back
@@ -2733,7 +2814,7 @@ def cmd_reserve(app):
         # Until the ids are printed, a signal gives the GPUs back: nobody was told of
         # them, and they would stay reserved for the whole duration.
         with CancelOnSignals():
-            gpus = reserve_gpus(app, req)
+            gpus = reserve_gpus(pool, req, *wait_options(app.config, "manual", app.args.nonblock))
             ids = ",".join(map(str, gpus))
             if app.args.short:
                 say(ids)
@@ -2747,7 +2828,7 @@ def cmd_reserve(app):
 
 
 def cmd_run(app):
-    """Reserve, run the command after `--` under supervision, release (SPEC §7)."""
+    """Reserve, run the command after `--` under supervision, release."""
     args, config = app.args, app.config
     example = "example: canhazgpu run --gpus 1 -- python train.py"
     if args.stray:
@@ -2759,9 +2840,10 @@ def cmd_run(app):
     find_command(args.argv[0])
     require_module("psutil", "python3-psutil")  # the supervisor needs it after the command
     Supervisor(
-        app,
+        app.pool(),
         req,
         args.argv,
+        wait_options(config, "run", args.nonblock),
         timeout=config["run.timeout"],
         timeout_signal=config["run.signal"],
         kill_after=config["run.kill_after"],
@@ -2772,9 +2854,8 @@ def cmd_release(app):
     """Exit 0 when everything asked for was released, 1 when any id was refused (one
     `Error:` line each), 2 for ids outside the pool (nothing is released then)."""
     pool = app.pool()
-    count, _ = pool.require()
     ids = app.args.gpu_ids
-    check_ids(ids or (), count)
+    check_ids(ids or (), pool.require())
     results = pool.release(ids=ids)
     released = sorted(r["gpu"] for r in results if r["result"] == "released")
     if released:
@@ -2793,29 +2874,6 @@ def cmd_release(app):
             }[r["result"]]
         tell(f"Error: GPU {r['gpu']} {problem}")
     return 1 if refused else 0
-
-
-def usage_records(store, since):
-    """Completed reservations that ended after `since`: the sorted set, plus the
-    legacy per-record keys of old versions (read with SCAN, never KEYS)."""
-    import redis
-
-    try:
-        raws = store.redis.zrangebyscore(KEY + "usage_history_sorted", since, "+inf")
-        legacy = list(store.redis.scan_iter(match=KEY + "usage_history:*", count=1000))
-        if legacy:
-            raws += [raw for raw in store.redis.mget(legacy) if raw]
-    except redis.RedisError as e:
-        raise store.failure(e) from None
-    records = []
-    for raw in raws:
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
 
 
 def build_report(records, held, days, now):
@@ -2872,7 +2930,7 @@ def report_for(pool, days, now=None):
     now = time.time() if now is None else now
     snap = pool.snapshot(now)
     held = [g for g in snap.gpus if g.held and not g.partial]
-    return build_report(usage_records(pool.store, now - days * 86400), held, days, now)
+    return build_report(pool.store.history(now - days * 86400), held, days, now)
 
 
 def cmd_report(app):
@@ -3077,7 +3135,8 @@ class Site:
             return convert_setting("days", values[0])
         except ValueError:
             raise WebError(
-                400, f"days must be a whole number from 1 to 90, got {values[0]!r}"
+                400,
+                f"days must be a whole number from 1 to {HISTORY_DAYS}, got {values[0]!r}",
             ) from None
 
     def metrics(self):
@@ -3201,95 +3260,111 @@ def json_reply(obj, code=200):
     return code, "application/json", json.dumps(obj)
 
 
+class WebRequests:
+    """How `web` answers a request: GET and HEAD from its Site, 405 for every other
+    method.  Mixed into http.server's handler by web_handler(), so that only `web`
+    imports http.server."""
+
+    site = None  # the Site, set by web_handler()
+
+    protocol_version = "HTTP/1.1"  # keep-alive: a dashboard polls
+    timeout = WEB_IO_TIMEOUT  # a half-sent request holds only its own thread, this long
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms stall
+
+    # http.server's own errors (a malformed request) as plain text, with a status
+    # line even when the request line is too broken to tell its HTTP version.
+    default_request_version = "HTTP/1.0"
+    error_content_type = "text/plain; charset=utf-8"
+    error_message_format = "%(code)d %(message)s\n"
+
+    def version_string(self):
+        return f"canhazgpu/{__version__}"
+
+    def parse_request(self):
+        if len(self.raw_requestline.split()) == 2:
+            # `GET /` is HTTP/0.9: http.server would wait for headers that never come.
+            self.command, self.requestline = None, ""
+            self.request_version, self.close_connection = "HTTP/1.0", True
+            self.send_error(400, "Bad request line: expected METHOD /path HTTP/1.1")
+            return False
+        return super().parse_request()
+
+    def do_GET(self):
+        self.answer(head=False)
+
+    def do_HEAD(self):
+        self.answer(head=True)
+
+    def __getattr__(self, name):
+        # Every other method, known or not, gets 405 (http.server's default is 501).
+        if name.startswith("do_"):
+            return self.refuse
+        raise AttributeError(name)
+
+    def refuse(self):
+        self.close_connection = True  # a request body we never read must not pass for a request
+        self.reply(
+            405,
+            "application/json",
+            json.dumps({"error": "read-only: use GET"}),
+            extra={"Allow": "GET, HEAD"},
+        )
+
+    def answer(self, head):
+        from urllib.parse import parse_qs, urlsplit
+
+        url = urlsplit(self.path)
+        try:
+            if not url.path.startswith("/"):
+                raise WebError(400, "the request target must be a path starting with /")
+            query = parse_qs(url.query, keep_blank_values=True)
+            code, kind, body = self.site.get(url.path, query)
+        except WebError as e:
+            code, kind, body = json_reply({"error": str(e)}, e.code)
+        except CanhazError as e:  # Redis unreachable, pool not initialised
+            code, kind, body = json_reply({"error": str(e), "hint": e.hint}, 503)
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
+            code, kind, body = json_reply({"error": "internal error: see the server log"}, 500)
+        extra = {"Content-Security-Policy": self.site.csp} if kind.startswith("text/html") else {}
+        self.reply(code, kind, body, head=head, extra=extra)
+
+    def reply(self, code, kind, body, head=False, extra=None):
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+
+    def log_request(self, code="-", size="-"):
+        # No access log: at hundreds of requests a second it would cost more than
+        # the answers.  Failures are still logged (send_error, 5xx).
+        if str(code).isdigit() and int(code) >= 500:
+            super().log_request(code, size)
+
+
+def web_handler(site):
+    from http.server import BaseHTTPRequestHandler
+
+    return type("Handler", (WebRequests, BaseHTTPRequestHandler), {"site": site})
+
+
 def web_server(site, host, port):
     """A ThreadingHTTPServer bound to host:port, answering from `site`."""
     import socket
     import socketserver
-    import traceback
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from urllib.parse import parse_qs, urlsplit
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive: a dashboard polls
-        timeout = WEB_IO_TIMEOUT  # a half-sent request holds only its own thread, this long
-        disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms stall
-
-        # http.server's own errors (a malformed request) as plain text, with a status
-        # line even when the request line is too broken to tell its HTTP version.
-        default_request_version = "HTTP/1.0"
-        error_content_type = "text/plain; charset=utf-8"
-        error_message_format = "%(code)d %(message)s\n"
-
-        def version_string(self):
-            return f"canhazgpu/{__version__}"
-
-        def parse_request(self):
-            if len(self.raw_requestline.split()) == 2:
-                # `GET /` is HTTP/0.9: http.server would wait for headers that never come.
-                self.command, self.requestline = None, ""
-                self.request_version, self.close_connection = "HTTP/1.0", True
-                self.send_error(400, "Bad request line: expected METHOD /path HTTP/1.1")
-                return False
-            return super().parse_request()
-
-        def do_GET(self):
-            self.answer(head=False)
-
-        def do_HEAD(self):
-            self.answer(head=True)
-
-        def __getattr__(self, name):
-            # Every other method, known or not, gets 405 (http.server's default is 501).
-            if name.startswith("do_"):
-                return self.refuse
-            raise AttributeError(name)
-
-        def refuse(self):
-            self.close_connection = True  # a request body we never read must not pass for a request
-            self.reply(
-                405,
-                "application/json",
-                json.dumps({"error": "read-only: use GET"}),
-                extra={"Allow": "GET, HEAD"},
-            )
-
-        def answer(self, head):
-            url = urlsplit(self.path)
-            try:
-                if not url.path.startswith("/"):
-                    raise WebError(400, "the request target must be a path starting with /")
-                code, kind, body = site.get(url.path, parse_qs(url.query, keep_blank_values=True))
-            except WebError as e:
-                code, kind, body = json_reply({"error": str(e)}, e.code)
-            except CanhazError as e:  # Redis unreachable, pool not initialised
-                code, kind, body = json_reply({"error": str(e), "hint": e.hint}, 503)
-            except Exception:
-                traceback.print_exc()
-                code, kind, body = json_reply({"error": "internal error: see the server log"}, 500)
-            extra = {"Content-Security-Policy": site.csp} if kind.startswith("text/html") else {}
-            self.reply(code, kind, body, head=head, extra=extra)
-
-        def reply(self, code, kind, body, head=False, extra=None):
-            data = body.encode() if isinstance(body, str) else body
-            self.send_response(code)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Referrer-Policy", "no-referrer")
-            for key, value in (extra or {}).items():
-                self.send_header(key, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            if not head:
-                self.wfile.write(data)
-
-        def log_request(self, code="-", size="-"):
-            # No access log: at hundreds of requests a second it would cost more than
-            # the answers.  Failures are still logged (send_error, 5xx).
-            if str(code).isdigit() and int(code) >= 500:
-                super().log_request(code, size)
+    from http.server import ThreadingHTTPServer
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True  # a stuck client never delays shutdown
@@ -3306,7 +3381,7 @@ def web_server(site, host, port):
                 super().handle_error(request, client_address)  # a client hanging up is no news
 
     try:
-        return Server((host, port), Handler)
+        return Server((host, port), web_handler(site))
     except OSError as e:
         raise CanhazError(
             f"cannot listen on {host}:{port}: {e.strerror or e}",
@@ -3338,16 +3413,14 @@ def cmd_web(app):
     shown = f"[{shown}]" if ":" in shown else shown
     demo = " with demo data" if args.demo else ""
     port = server.server_address[1]
-    print(
-        f"Serving the dashboard{demo} on http://{shown}:{port}/ (Ctrl-C to stop)", file=sys.stderr
-    )
+    tell(f"Serving the dashboard{demo} on http://{shown}:{port}/ (Ctrl-C to stop)")
     try:
         server.serve_forever(poll_interval=0.25)
     finally:
         server.server_close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    print("Stopped.", file=sys.stderr, flush=True)
+    tell("Stopped.")
     return 0
 
 
@@ -3363,7 +3436,7 @@ class DemoStore:
 
         self.t0 = time.time()
         rng = random.Random(42)  # the same history on every run
-        self.history = []
+        self.records = []
         for day in range(90):
             for user in self.USERS:
                 if rng.random() < 0.35:
@@ -3371,7 +3444,7 @@ class DemoStore:
                 start = self.t0 - day * 86400 - rng.uniform(0, 80000)
                 hours = rng.choice((0.5, 1, 2, 3, 4, 6, 8, 12)) * rng.uniform(0.6, 1.4)
                 for gpu in rng.sample(range(8), rng.choice((1, 1, 2, 4))):
-                    self.history.append(
+                    self.records.append(
                         {
                             "user": user,
                             "gpu_id": gpu,
@@ -3381,17 +3454,10 @@ class DemoStore:
                             "reservation_type": "manual" if rng.random() < 0.3 else "run",
                         }
                     )
-        self.history = [h for h in self.history if h["end_time"] < self.t0]
+        self.records = [h for h in self.records if h["end_time"] < self.t0]
 
-    @property
-    def redis(self):
-        return self  # usage_records() reads the history through store.redis
-
-    def zrangebyscore(self, key, low, high):
-        return [json.dumps(h) for h in self.history if h["end_time"] >= float(low)]
-
-    def scan_iter(self, match=None, count=None):
-        return iter(())  # no legacy history keys
+    def history(self, since):
+        return [h for h in self.records if h["end_time"] >= since]
 
     def do(self, method, *args):
         if method != "ping":
@@ -4486,7 +4552,7 @@ def build_parser():
         "--days",
         type=arg_type("days", "days"),
         metavar="N",
-        help=f"days to cover, 1-90 (default {default_of('report.days')})",
+        help=f"days to cover, 1-{HISTORY_DAYS} (default {default_of('report.days')})",
     )
     p.add_argument("-j", "--json", action="store_true", help="print JSON")
 
@@ -4559,8 +4625,8 @@ class App:
         return self._pool
 
     def close(self):
-        if self._pool is not None and self._pool._provider is not None:
-            self._pool._provider.discard()
+        if self._pool is not None:
+            self._pool.close()
         elif self._early is not None:
             self._early.discard()
 

@@ -93,7 +93,7 @@ def request(kind="run", count=1, ids=None, user="alice", display=None, force=Fal
 
 def allocate(pool, req):
     """One non-blocking allocation step on the fake provider; returns the reply."""
-    return pool.allocate(req, "fake", pool.store.script("snapshot")[0])
+    return pool.allocate(req)
 
 
 def state(fake, gpu):
@@ -386,36 +386,36 @@ def test_allocation_order_is_deterministic(config, home):
 
 
 def test_allocation_skips_held_unreserved_and_unparseable(store, fake, config):
-    init_pool(store, 5)
+    init_pool(store, 5, provider="nvidia")
     now = time.time()
     put(fake, 0, {"user": "bob", "type": "run", "start_time": now, "last_heartbeat": now})
     put(fake, 1, "{not json")
     provider = StaticProvider({0: 0, 1: 0, 2: 5000, 3: 1024, 4: 0})  # 3: exactly at threshold
     pool = make_pool(store, config, provider)
-    reply = pool.allocate(request(count=2), "nvidia", 5)
+    reply = pool.allocate(request(count=2))
     assert reply["status"] == "ok" and reply["gpus"] == [3, 4]
-    reply = pool.allocate(request(count=1), "nvidia", 5)
+    reply = pool.allocate(request(count=1))
     assert reply["status"] == "unavailable"
     assert (reply["free"], reply["unreserved"]) == (0, 1)
     # --force takes the GPU in use without a reservation, never a held or broken one.
-    reply = pool.allocate(request(count=1, force=True), "nvidia", 5)
+    reply = pool.allocate(request(count=1, force=True))
     assert reply["gpus"] == [2]
     assert fake.get("canhazgpu:gpu:1") == "{not json"
     assert state(fake, 0)["user"] == "bob"
 
 
 def test_allocation_by_ids_says_why_each_gpu_is_unavailable(store, fake, config):
-    init_pool(store, 4)
+    init_pool(store, 4, provider="nvidia")
     now = time.time()
     put(fake, 0, {"user": "bob", "type": "manual", "start_time": now, "expiry_time": now + 60})
     put(fake, 1, "garbage")
     pool = make_pool(store, config, StaticProvider({0: 0, 1: 0, 2: 9000, 3: 0}))
-    reply = pool.allocate(request(ids=[0, 1, 2, 3], count=4), "nvidia", 4)
+    reply = pool.allocate(request(ids=[0, 1, 2, 3], count=4))
     assert reply["status"] == "unavailable"
     reasons = {r["gpu"]: r["reason"] for r in reply["reasons"]}
     assert reasons == {0: "held", 1: "corrupt", 2: "unreserved"}
     assert fake.get("canhazgpu:gpu:3") is None  # nothing taken
-    error = chg.allocation_error(reply, request(ids=[0, 1, 2, 3], count=4), 4)
+    error = chg.allocation_error(reply, request(ids=[0, 1, 2, 3], count=4))
     assert "GPU 0 is reserved by bob (manual)" in str(error)
     assert "GPU 2 is in use without a reservation" in str(error)
 
@@ -561,7 +561,7 @@ def test_a_queue_entry_expires_by_its_own_heartbeat_timeout(home, fake):
     init_pool(waiter, 1)
     holder = request(count=1, user="bob")
     allocate(make_pool(waiter, waiter.config), holder)
-    queued = make_pool(waiter, waiter.config).allocate(request(count=1), "fake", 1, block=True)
+    queued = make_pool(waiter, waiter.config).allocate(request(count=1), block=True)
     assert queued["status"] == "queued"
     [entry] = fake.zrange(chg.KEY + "queue", 0, -1)
     now = time.time()

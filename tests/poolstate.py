@@ -39,6 +39,11 @@ def hold(r, gpu, user="bob", kind="run", actual=None, age=3600, **fields):
     return st
 
 
+def gpu(r, i):
+    """GPU `i`'s state, {} when it has none."""
+    return gpu_state(r, i) or {}
+
+
 def gpu_state(r, gpu):
     raw = r.get(f"{KEY}gpu:{gpu}")
     return None if raw is None else json.loads(raw)

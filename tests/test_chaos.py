@@ -78,9 +78,11 @@ class Chaos:
         self.live = {}  # pid -> Popen, what the killer may hit
         self.kills = []  # (time, pid, signal, command)
         self.results = []  # (command, argv, exit code, stderr)
-        self.manual = []  # (gpu, printed, expiry at the latest) of each reserve
+        self.manual = []  # (gpu, asked, printed, expiry at the latest) of each reserve
         self.releases = []  # (began, finished) of each `release` (of all manual ones)
         self.stop = threading.Event()
+        self.stderr = {}  # pid -> what that canhazgpu process said
+        self.outage = None  # (down, up) of the Redis restart
 
     def fail(self, message):
         pytest.fail(f"chaos (CHAOS_SEED={self.seed}): {message}", pytrace=False)
@@ -101,11 +103,13 @@ class Chaos:
             proc.kill()
             out, err = proc.communicate()
             self.results.append((args[0], args, "hung", err))
+            self.stderr[proc.pid] = err
             return proc.returncode, out
         finally:
             with self.lock:
                 self.live.pop(proc.pid, None)
         self.results.append((args[0], args, proc.returncode, err))
+        self.stderr[proc.pid] = err
         return proc.returncode, out
 
     def worker(self, rng):
@@ -124,7 +128,7 @@ class Chaos:
                 if code == 0 and out.strip():
                     with self.lock:
                         for gpu in out.strip().split(","):
-                            self.manual.append((int(gpu), time.time(), asked + DURATION))
+                            self.manual.append((int(gpu), asked, time.time(), asked + DURATION))
             elif action == "release":
                 # Every worker is one account: this ends every worker's manual
                 # reservations (never a run's), so it bounds their holding intervals.
@@ -141,7 +145,9 @@ class Chaos:
         while not self.stop.is_set():
             time.sleep(rng.uniform(0.05, 0.4))
             if not restarted and time.monotonic() >= restart_at:
+                down = time.time()
                 redis.restart()  # AOF on: the state survives
+                self.outage = (down, time.time())
                 restarted = True
             with self.lock:
                 victims = list(self.live.values())
@@ -172,9 +178,10 @@ class Chaos:
             end = ends.get(pid, {"t": float("inf")})["t"]
             for gpu in start["gpus"].split(","):
                 by_gpu[int(gpu)].append((start["t"], end, ("run", start["run"])))
-        for gpu, start, end in self.manual:
-            # A release that ran at any time after the GPU was printed may have ended it.
-            end = min([end, *(max(b, start) for b, f in self.releases if f > start)])
+        for gpu, asked, start, end in self.manual:
+            # Certainly held from when it was printed; a release that finished after the
+            # reserve began may have ended it at any time since (even before it printed).
+            end = min([end, *(max(b, start) for b, f in self.releases if f > asked)])
             if end > start:
                 by_gpu[gpu].append((start, end, ("reserve", None)))
         return by_gpu
@@ -191,9 +198,14 @@ class Chaos:
                         break
                     excused = who[0] == "run" and sigkilled.get(who[1], later_start) < later_start
                     if not excused:
+                        kills = [
+                            (round(t, 3), sig) for t, pid, sig, _ in self.kills if pid == who[1]
+                        ]
                         self.fail(
                             f"GPU {gpu} had two holders: {who} from {start:.3f} to {end:.3f} "
-                            f"and {other} from {later_start:.3f}"
+                            f"and {other} from {later_start:.3f}; signals to the first: {kills}; "
+                            f"Redis down {self.outage}; the first said: "
+                            f"{self.stderr.get(who[1], '?')!r}"
                         )
         return checked
 

@@ -14,6 +14,8 @@ def test_24_reservers_race_for_8_gpus(cli, r, fake_smi):
     # The fake provider and no nvidia-smi on PATH: the race is about Redis, not the tool.
     fake_smi.uninstall()
     init_pool(r, GPUS, provider="fake")
+    # A Go client's global lock, held meanwhile: we neither wait for it nor break it.
+    r.set(KEY + "allocation_lock", "go-client-1234", ex=60)
     procs = [
         cli.popen(
             "reserve", "--nonblock", "--short", "--note", f"racer {k}",
@@ -46,4 +48,4 @@ def test_24_reservers_race_for_8_gpus(cli, r, fake_smi):
         assert held[gpu]["note"] == f"racer {k}"
     assert len({st["reservation_id"] for st in held.values()}) == GPUS
     assert r.zcard(KEY + "queue") == 0
-    assert r.get(KEY + "allocation_lock") is None
+    assert r.get(KEY + "allocation_lock") == "go-client-1234" and r.ttl(KEY + "allocation_lock") > 0

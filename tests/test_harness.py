@@ -60,8 +60,11 @@ def test_stop_and_start_keep_the_port(redis_server, r):
     assert redis_server.client().ping()
 
 
-def test_a_stopped_server_is_restarted_for_the_next_test(redis_server):
-    redis_server.stop()  # the `r` fixture of the next test must bring it back
+def test_a_stopped_server_is_restarted_by_the_next_r_fixture(redis_server, request):
+    redis_server.stop()  # as an outage test leaves it
+    assert not redis_server.running
+    r = request.getfixturevalue("r")  # what the next test's `r` does first
+    assert redis_server.running and r.ping()
 
 
 def test_freeze_makes_the_server_unresponsive(redis_server, r):

@@ -40,23 +40,10 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 DIST_PACKAGES = "/usr/lib/python3/dist-packages/"
 
 
-class RunStepFailed(AssertionError):
-    """`run -- true` failed in a user flow."""
-
-
-# `run` is built on its own branch; until it is merged, only the run step may fail.
-needs_run = pytest.mark.xfail(
-    CHG.COMMANDS.get("run") is None,
-    reason="`run` is not implemented in this checkout yet",
-    raises=RunStepFailed,
-    strict=True,
-)
-
-
 def user_flow(argv, env, cwd):
     """What a user runs first, through `argv` (how this install path starts canhazgpu)."""
 
-    def chg(*args, failure=AssertionError):
+    def chg(*args):
         proc = subprocess.run(
             [*argv, *args],
             env=env,
@@ -67,7 +54,7 @@ def user_flow(argv, env, cwd):
             stdin=subprocess.DEVNULL,
         )
         if proc.returncode != 0:
-            raise failure(f"{args}: exit {proc.returncode}\n{proc.stdout}{proc.stderr}")
+            raise AssertionError(f"{args}: exit {proc.returncode}\n{proc.stdout}{proc.stderr}")
         assert_no_traceback(proc.stderr, f"stderr of {args}")
         return proc
 
@@ -76,7 +63,7 @@ def user_flow(argv, env, cwd):
     assert re.fullmatch(r"[01]\n", held), held
     rows = json.loads(chg("status", "--json").stdout)
     assert [row["status"] for row in rows].count("IN_USE") == 1
-    chg("run", "--gpus", "1", "--", "true", failure=RunStepFailed)
+    chg("run", "--gpus", "1", "--", "true")
     assert f"Released 1 GPU(s): [{held.strip()}]" in chg("release").stdout
     rows = json.loads(chg("status", "--json").stdout)
     assert {row["status"] for row in rows} == {"AVAILABLE"}
@@ -123,7 +110,6 @@ def output(argv, env=None, cwd=None):
 
 
 @pytest.mark.slow
-@needs_run
 def test_pip_install_into_a_fresh_venv(cli, tmp_path):
     src = source_copy(tmp_path)
     env_dir = venv(tmp_path / "venv")
@@ -146,7 +132,6 @@ def test_pip_install_into_a_fresh_venv(cli, tmp_path):
     user_flow([bindir / "canhazgpu"], cli.env, cwd=tmp_path)
 
 
-@needs_run
 def test_copied_file_runs_on_the_distributions_python(cli, tmp_path, fake_smi):
     libs = output(
         [SYSTEM_PYTHON, "-c", "import redis, psutil; print(redis.__file__, psutil.__file__)"]
@@ -167,7 +152,6 @@ def test_copied_file_runs_on_the_distributions_python(cli, tmp_path, fake_smi):
     user_flow(["canhazgpu"], env, cwd=tmp_path)
 
 
-@needs_run
 def test_python3_canhazgpu_py(cli, tmp_path):
     user_flow([sys.executable, REPO / "canhazgpu.py"], cli.env, cwd=tmp_path)
 
@@ -192,7 +176,6 @@ INSTALLED = {
 }
 
 
-@needs_run
 def test_make_install_honours_prefix_and_destdir(cli, tmp_path, fake_smi):
     dest = tmp_path / "stage"
     make("install", f"DESTDIR={dest}", "PREFIX=/usr")

@@ -14,6 +14,7 @@ import time
 import uuid
 
 import pytest
+from poolstate import gpu, wait_for
 
 QUEUE = "canhazgpu:queue"
 ENTRY = "canhazgpu:queue:entry:"
@@ -22,23 +23,6 @@ ME = pwd.getpwuid(os.getuid()).pw_name  # the OS account every test command runs
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(what, predicate, timeout=15.0):
-    """Poll `predicate` until it returns something truthy; fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}", pytrace=False)
-        time.sleep(0.05)
-
-
-def gpu(r, i):
-    raw = r.get(f"canhazgpu:gpu:{i}")
-    return json.loads(raw) if raw else {}
 
 
 def entries(r):
@@ -124,7 +108,10 @@ class Waiters:
         )
         self.procs.append(proc)
         if queued:
-            wait_for(f"reserve {' '.join(map(str, args))} to queue", lambda: self.queued(proc))
+            wait_for(
+                what=f"reserve {' '.join(map(str, args))} to queue",
+                condition=lambda: self.queued(proc),
+            )
         return proc
 
     def queued(self, proc):
@@ -185,7 +172,9 @@ def test_fcfs_order_and_partial_gathering(cli, r, pool, waiters):
 
     release(cli, 2)
     # The earlier request gathers the freed GPU; the later one gets nothing.
-    wait_for("GPU 2 to go to the first waiter", lambda: partial_gpus(r, a["id"]) == [2])
+    wait_for(
+        what="GPU 2 to go to the first waiter", condition=lambda: partial_gpus(r, a["id"]) == [2]
+    )
     state = gpu(r, 2)
     assert state["user"] == "first" and state["type"] == "manual"
     assert entry_of(r, first)["allocated_gpus"] == [2]
@@ -276,7 +265,7 @@ def test_wait_gives_up_and_returns_what_it_gathered(cli, r, pool, waiters):
     proc = waiters.start("--gpus", 2, "--wait", "3s")
     entry = entry_of(r, proc)
     release(cli, 3)
-    wait_for("the partial GPU", lambda: partial_gpus(r, entry["id"]) == [3])
+    wait_for(what="the partial GPU", condition=lambda: partial_gpus(r, entry["id"]) == [3])
     out, err = waiters.finish(proc)
     assert proc.returncode == 1 and out == ""
     assert "Error: gave up after waiting 3s for 2 GPUs (position 1 in the queue)" in err
@@ -322,7 +311,7 @@ def test_a_signal_removes_the_entry_and_its_partial_gpus(cli, r, pool, waiters, 
     proc = waiters.start("--gpus", 3)
     qid = entry_of(r, proc)["id"]
     release(cli, 1, 2)
-    wait_for("the partial GPUs", lambda: partial_gpus(r, qid) == [1, 2])
+    wait_for(what="the partial GPUs", condition=lambda: partial_gpus(r, qid) == [1, 2])
     proc.send_signal(signum)
     out, err = waiters.finish(proc)
     assert proc.returncode == -signum, err
@@ -419,7 +408,7 @@ def test_a_live_waiter_stays_fresh_under_a_short_heartbeat_timeout(cli, r, pool,
     proc = waiters.start("--gpus", 2, "--short", env=fast)
     qid = entry_of(r, proc)["id"]
     release(cli, 0)
-    wait_for("the partial GPU", lambda: partial_gpus(r, qid) == [0])
+    wait_for(what="the partial GPU", condition=lambda: partial_gpus(r, qid) == [0])
     gathered_at = gpu(r, 0)["last_heartbeat"]
     # Over two heartbeat timeouts, others' commands see a live entry: same id, same place.
     deadline = time.monotonic() + 4.5
@@ -449,7 +438,10 @@ def test_go_entries_keep_their_place_and_are_gathered_for(cli, r, pool, waiters)
     assert 25 <= report["entries"][0]["waiting_seconds"] <= 60
 
     release(cli, 2)
-    wait_for("GPU 2 to be gathered for the Go entry", lambda: partial_gpus(r, go_id) == [2])
+    wait_for(
+        what="GPU 2 to be gathered for the Go entry",
+        condition=lambda: partial_gpus(r, go_id) == [2],
+    )
     state = gpu(r, 2)
     assert state["user"] == "gopher" and state["type"] == "manual"
     go = json.loads(r.get(ENTRY + go_id))
@@ -531,7 +523,7 @@ def test_entries_we_write_parse_as_go_would(cli, r, pool, waiters):
     assert "wait_timeout" not in small
 
     release(cli, 3)
-    wait_for("a partial GPU", lambda: entry_of(r, proc)["allocated_gpus"] == [3])
+    wait_for(what="a partial GPU", condition=lambda: entry_of(r, proc)["allocated_gpus"] == [3])
     raw = r.get(ENTRY + big["id"])
     go_unmarshal(raw, INT_FIELDS, {"allocated_gpus", "requested_ids"}, TIME_FIELDS)
     state = r.get("canhazgpu:gpu:3")
@@ -578,9 +570,9 @@ def test_a_release_publishes_a_wake_up_event(cli, r, pool):
     events = r.pubsub(ignore_subscribe_messages=True)
     events.subscribe(EVENTS)
     try:
-        wait_for("the subscription", lambda: r.pubsub_numsub(EVENTS)[0][1] == 1)
+        wait_for(what="the subscription", condition=lambda: r.pubsub_numsub(EVENTS)[0][1] == 1)
         release(cli, 1)
-        message = wait_for("an event", lambda: events.get_message(timeout=0.1))
+        message = wait_for(what="an event", condition=lambda: events.get_message(timeout=0.1))
         assert message["channel"] == EVENTS
     finally:
         events.close()
@@ -633,8 +625,10 @@ def test_a_pipe_gets_one_plain_line(cli, r, pool, waiters):
     proc = waiters.start("--gpus", 2, "--short")
     entry = entry_of(r, proc)
     release(cli, 0)
-    wait_for("a partial GPU", lambda: entry_of(r, proc)["allocated_gpus"] == [0])
-    wait_for("over a second of waiting", lambda: time.time() - entry["enqueue_time"] > 1.2)
+    wait_for(what="a partial GPU", condition=lambda: entry_of(r, proc)["allocated_gpus"] == [0])
+    wait_for(
+        what="over a second of waiting", condition=lambda: time.time() - entry["enqueue_time"] > 1.2
+    )
     release(cli, 1)
     out, err = waiters.finish(proc)
     assert reserved(out) == [0, 1]
@@ -657,7 +651,7 @@ def test_queue_command_table_and_json(cli, r, pool, waiters):
     count = waiters.start("--gpus", 2, "--user", "alice", "--note", "training")
     ids = waiters.start("--gpu-ids", "1,3")
     release(cli, 0, 2)
-    wait_for("the gathering", lambda: entry_of(r, count)["allocated_gpus"] == [2])
+    wait_for(what="the gathering", condition=lambda: entry_of(r, count)["allocated_gpus"] == [2])
 
     report = json.loads(cli("queue", "--json", check=True).stdout)
     assert report["total"] == 3
@@ -695,10 +689,10 @@ def test_completing_a_waiter_for_it_wakes_it(cli, r, fake_smi, waiters):
     events.subscribe(EVENTS)
     try:
         fake_smi.set(gpus=2)
-        wait_for("the subscription", lambda: r.pubsub_numsub(EVENTS)[0][1] == 2)
+        wait_for(what="the subscription", condition=lambda: r.pubsub_numsub(EVENTS)[0][1] == 2)
         cli("reserve", "--nonblock", "--gpu-ids", 0)  # fails, but gathers GPU 1 for the waiter
         assert partial_gpus(r, qid) == [1]
-        assert wait_for("an event", lambda: events.get_message(timeout=0.1))
+        assert wait_for(what="an event", condition=lambda: events.get_message(timeout=0.1))
     finally:
         events.close()
         waiting.send_signal(signal.SIGCONT)

@@ -37,7 +37,7 @@ def request(user, count=1, ids=None, kind="run"):
 
 def test_go_states_expire_and_read_on_real_redis(store, r):
     now = time.time()
-    r.set(KEY + "gpu_count", 5)
+    r.mset({KEY + "gpu_count": 5, KEY + "provider": "fake"})
     go = {"expiry_time": None, "last_released": None, "note": "", "partial_queue_id": ""}
     r.set(
         KEY + "gpu:0",
@@ -92,9 +92,9 @@ def test_go_states_expire_and_read_on_real_redis(store, r):
         assert gpu_state(r, gpu) == {"last_released": pytest.approx(now, abs=30)}
     # LRU: never used (the freed Go GPU 3 was released 30 s ago, 0 and 1 just now).
     pool = chg.Pool(store, store.config, chg.FakeProvider())
-    assert pool.allocate(request("dave"), "fake", 5)["gpus"] == [3]
-    assert pool.allocate(request("dave", 2), "fake", 5)["gpus"] == [0, 1]
-    assert pool.allocate(request("dave"), "fake", 5)["status"] == "unavailable"
+    assert pool.allocate(request("dave"))["gpus"] == [3]
+    assert pool.allocate(request("dave", 2))["gpus"] == [0, 1]
+    assert pool.allocate(request("dave"))["status"] == "unavailable"
     assert r.get(KEY + "gpu:4") == "[1, 2]"
 
 
@@ -124,7 +124,7 @@ def test_heartbeat_keeps_unknown_fields_on_real_redis(store, r):
 
 def test_mru_from_go_records_on_real_redis(store, r):
     now = time.time()
-    r.set(KEY + "gpu_count", 4)
+    r.mset({KEY + "gpu_count": 4, KEY + "provider": "fake"})
     add_record(r, "alice", 2, now - 100, now - 50)
     rec = {
         "user": "alice",
@@ -136,13 +136,13 @@ def test_mru_from_go_records_on_real_redis(store, r):
     }
     r.zadd(KEY + "usage_history_sorted", {json.dumps(rec): now - 10})
     pool = chg.Pool(store, store.config, chg.FakeProvider())
-    order = [pool.allocate(request("alice"), "fake", 4)["gpus"][0] for _ in range(4)]
+    order = [pool.allocate(request("alice"))["gpus"][0] for _ in range(4)]
     assert order == [3, 2, 0, 1]
 
 
 def test_a_big_pool_on_real_redis(store, r):
     store.script("admin", count=20000, provider="fake", force=False)
     pool = chg.Pool(store, store.config, chg.FakeProvider())
-    assert pool.allocate(request("alice", ids=[19999]), "fake", 20000)["gpus"] == [19999]
+    assert pool.allocate(request("alice", ids=[19999]))["gpus"] == [19999]
     snap = chg.Snapshot(store.script("snapshot"))
     assert snap.count == 20000 and snap.gpus[19999].held

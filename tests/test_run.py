@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_no_traceback
+from poolstate import gpu, wait_for
 
 PROBE = [sys.executable, str(Path(__file__).resolve().parent / "sigprobe.py")]
 FORWARDED = ["HUP", "INT", "QUIT", "TERM", "USR1", "USR2", "ALRM", "WINCH"]
@@ -24,25 +25,10 @@ FORWARDED = ["HUP", "INT", "QUIT", "TERM", "USR1", "USR2", "ALRM", "WINCH"]
 # --------------------------------------------------------------------------- helpers
 
 
-def gpu(r, i):
-    return json.loads(r.get(f"canhazgpu:gpu:{i}") or "{}")
-
-
 def held_by_run(r):
     """GPUs held by a run reservation, and queue entries: both must be gone after a run."""
     held = [i for i in range(4) if gpu(r, i).get("user") and gpu(r, i).get("type") == "run"]
     return held, r.zcard("canhazgpu:queue")
-
-
-def wait_for(condition, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}", pytrace=False)
-        time.sleep(0.02)
 
 
 def pid_alive(pid):

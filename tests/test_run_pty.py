@@ -13,7 +13,8 @@ import time
 
 import pytest
 from conftest import PROGRAM
-from test_run import PROBE, gpu, held_by_run, pid_alive, proc_state, wait_for
+from poolstate import gpu, wait_for
+from test_run import PROBE, held_by_run, pid_alive, proc_state
 
 RUN = " ".join(shlex.quote(a) for a in (sys.executable, str(PROGRAM), "run"))
 PROBE_CMD = " ".join(shlex.quote(a) for a in PROBE)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, free_port
 from poolstate import KEY, history, hold, holders, init_pool, me, wait_for
+from test_run import proc_state
 
 
 @pytest.fixture
@@ -273,11 +274,6 @@ def test_run_without_psutil_reserves_nothing(cli, pool, r, tmp_path):
 
 
 # --------------------------------------------------------------------------- kill -TSTP
-
-
-def proc_state(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def test_tstp_without_a_terminal_stops_run_and_its_command(cli, pool, r):
