@@ -5,7 +5,7 @@ PY_RUNTIME := redis psutil
 PY_DEPS := $(PY_RUNTIME) fakeredis lupa pytest hypothesis ruff
 
 .PHONY: all deps runtime-deps test lint format demo clean
-.PHONY: shell-deps packaging-deps install uninstall man
+.PHONY: shell-deps packaging-deps install uninstall man completions
 
 all: test
 
@@ -147,6 +147,10 @@ uninstall:
 	  $(ZSHCOMPDIR)/_canhazgpu $(FISHCOMPDIR)/canhazgpu.fish $(FISHCOMPDIR)/chg.fish \
 	  $(MAN1DIR)/canhazgpu.1 $(MAN1DIR)/chg.1
 
-# The man page is generated from the argparse parser; a test fails when it is out of date.
+# The man page and the option lists of the bash and fish completions are generated from
+# the argparse parser; tests fail when they are out of date.
 man:
 	$(PYTHON) tools/gen_man.py > canhazgpu.1.tmp && mv canhazgpu.1.tmp canhazgpu.1
+
+completions:
+	$(PYTHON) tools/gen_completions.py

@@ -4316,79 +4316,147 @@ def examples(*lines):
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def add_global_options(parser, suppress):
-    """Global options, accepted before or after the command name."""
-    default = argparse.SUPPRESS if suppress else None
-    g = parser.add_argument_group("global options")
-    g.add_argument("--config", metavar="PATH", default=default, help="config file to read")
-    g.add_argument(
-        "--redis-url",
-        metavar="URL",
-        default=default,
-        type=arg_type("url", "URL"),
-        help="redis://[:password@]host:port/db, rediss://... or unix:///path",
-    )
-    g.add_argument(
-        "--redis-host",
-        metavar="HOST",
-        default=default,
-        type=arg_type("str", "host"),
-        help=f"Redis host ({default_of('redis.host')})",
-    )
-    g.add_argument(
-        "--redis-port",
-        metavar="N",
-        default=default,
-        type=arg_type("port", "port"),
-        help=f"Redis port ({default_of('redis.port')})",
-    )
-    g.add_argument(
-        "--redis-db",
-        metavar="N",
-        default=default,
-        type=arg_type("count0", "db"),
-        help=f"Redis database number ({default_of('redis.db')})",
-    )
-    g.add_argument(
-        "--memory-threshold",
-        metavar="MB",
-        default=default,
-        type=arg_type("count0", "threshold"),
-        help=f"a GPU using more memory than this is in use ({default_of('memory.threshold')})",
-    )
-    g.add_argument("--debug", action="store_true", default=default, help=argparse.SUPPRESS)
+def opt(*flags, **kwargs):
+    """One option of the parser table: add_argument's arguments."""
+    return flags, kwargs
 
 
-def add_request_options(p, kind):
-    p.add_argument(
-        "-g",
-        "--gpus",
-        type=arg_type("count", "count"),
-        metavar="N",
-        help=f"number of GPUs (default {default_of(kind + '.gpus')})",
-    )
-    p.add_argument("-G", "--gpu-ids", type=gpu_ids, metavar="IDS", help="specific GPUs, e.g. 1,3")
-    block = p.add_mutually_exclusive_group()
-    block.add_argument(
-        "--nonblock", action="store_true", help="fail at once instead of waiting in the queue"
-    )
-    block.add_argument(
-        "-w",
-        "--wait",
-        type=arg_type("duration", "duration"),
-        metavar="D",
-        help="wait in the queue at most D (e.g. 30m); default: as long as it takes",
-    )
-    p.add_argument(
-        "-n", "--note", type=plain_text("note"), metavar="TEXT", help="a note shown in status"
-    )
-    p.add_argument(
-        "-u",
-        "--user",
-        type=plain_text("name"),
-        metavar="NAME",
-        help="display name for a shared account (ownership stays yours)",
-    )
+def switch(*flags, help):
+    return opt(*flags, action="store_true", help=help)
+
+
+class OneOf(list):
+    """Options of the parser table that exclude each other."""
+
+
+def global_options():
+    """Accepted before or after the command name (each command's parser has them too)."""
+    return [
+        opt("--config", metavar="PATH", help="config file to read"),
+        opt("--redis-url", metavar="URL", type=arg_type("url", "URL"),
+            help="redis://[:password@]host:port/db, rediss://... or unix:///path"),
+        opt("--redis-host", metavar="HOST", type=arg_type("str", "host"),
+            help=f"Redis host ({default_of('redis.host')})"),
+        opt("--redis-port", metavar="N", type=arg_type("port", "port"),
+            help=f"Redis port ({default_of('redis.port')})"),
+        opt("--redis-db", metavar="N", type=arg_type("count0", "db"),
+            help=f"Redis database number ({default_of('redis.db')})"),
+        opt("--memory-threshold", metavar="MB", type=arg_type("count0", "threshold"),
+            help=f"a GPU using more memory than this is in use ({default_of('memory.threshold')})"),
+        opt("--debug", action="store_true", help=argparse.SUPPRESS),
+    ]  # fmt: skip
+
+
+def request_options(kind):
+    """What run and reserve share: how many GPUs, waiting, and how they are shown."""
+    return [
+        opt("-g", "--gpus", type=arg_type("count", "count"), metavar="N",
+            help=f"number of GPUs (default {default_of(kind + '.gpus')})"),
+        opt("-G", "--gpu-ids", type=gpu_ids, metavar="IDS", help="specific GPUs, e.g. 1,3"),
+        OneOf([
+            switch("--nonblock", help="fail at once instead of waiting in the queue"),
+            opt("-w", "--wait", type=arg_type("duration", "duration"), metavar="D",
+                help="wait in the queue at most D (e.g. 30m); default: as long as it takes"),
+        ]),
+        opt("-n", "--note", type=plain_text("note"), metavar="TEXT", help="a note shown in status"),
+        opt("-u", "--user", type=plain_text("name"), metavar="NAME",
+            help="display name for a shared account (ownership stays yours)"),
+    ]  # fmt: skip
+
+
+JSON_OPTION = switch("-j", "--json", help="print JSON")
+
+
+def command_table():
+    """The parser table: each command's name, function, help, examples and options."""
+    return [
+        ("admin", cmd_admin, "initialise the GPU pool of this machine", [
+            "canhazgpu admin --gpus 8",
+            "canhazgpu admin --gpus 4 --force   # ends every reservation (asks first)",
+            "canhazgpu admin --gpus 4 --force --yes   # from a script: no question",
+            "canhazgpu admin --gpus 4 --provider fake   # a machine without GPUs",
+        ], [
+            opt("-g", "--gpus", type=arg_type("count", "count"), required=True, metavar="N",
+                help="number of GPUs in the pool"),
+            switch("--force", help="re-initialise an existing pool, ending every reservation"),
+            switch("-y", "--yes", help="with --force: do not ask on a terminal"),
+            opt("-p", "--provider", choices=PROVIDERS,
+                help="how GPU usage is validated (default: detected)"),
+        ]),
+        ("status", cmd_status, "show who holds which GPU, and who uses one unreserved", [
+            "canhazgpu status",
+            "canhazgpu status --json | jq '.[] | .status'",
+        ], [
+            JSON_OPTION,
+            switch("--no-color", help="no colours (also: NO_COLOR=1)"),
+        ]),
+        ("run", cmd_run, "reserve GPUs, run a command on them, release them when it ends", [
+            "canhazgpu run --gpus 2 -- python train.py",
+            "canhazgpu run --gpu-ids 1,3 --timeout 2h -- ./train.sh",
+            "canhazgpu run --nonblock -- python eval.py   # fail if none is free",
+        ], [
+            *request_options("run"),
+            opt("-t", "--timeout", type=arg_type("duration", "duration"), metavar="D",
+                help="stop the command after D (e.g. 2h); exit 124"),
+            opt("--signal", type=arg_type("signal", "signal"), metavar="SIG",
+                help=f"signal sent at the timeout (default {default_of('run.signal')})"),
+            opt("--kill-after", type=arg_type("duration", "duration"), metavar="D",
+                help="SIGKILL this long after the timeout signal "
+                f"(default {default_of('run.kill_after')})"),
+            opt("stray", nargs="*", help=argparse.SUPPRESS),  # a command without `--`
+        ]),
+        ("reserve", cmd_reserve, "reserve GPUs for interactive work", [
+            "canhazgpu reserve                         # 1 GPU for 8h",
+            "canhazgpu reserve --gpus 2 --duration 4h --note 'notebook'",
+            "export CUDA_VISIBLE_DEVICES=$(canhazgpu reserve --short)",
+            "canhazgpu reserve --gpu-ids 3 --force   # adopt work already running on GPU 3",
+        ], [
+            *request_options("reserve"),
+            opt("-d", "--duration", type=arg_type("duration", "duration"), metavar="D",
+                help=f"how long (default {default_of('reserve.duration')}; 30m, 0.5h, 2d, 1h30m)"),
+            switch("-f", "--force", help="also take GPUs in use without a reservation"),
+            switch("-s", "--short", help="print only the ids, e.g. 1,3"),
+        ]),
+        ("release", cmd_release, "release your reservations", [
+            "canhazgpu release              # all your manual reservations",
+            "canhazgpu release --gpu-ids 1,3",
+        ], [
+            opt("-G", "--gpu-ids", type=gpu_ids, metavar="IDS",
+                help="release these GPUs (yours, run or manual)"),
+        ]),
+        ("report", cmd_report, "GPU hours per user", [
+            "canhazgpu report",
+            "canhazgpu report --days 7 --json",
+        ], [
+            opt("-d", "--days", type=arg_type("days", "days"), metavar="N",
+                help=f"days to cover, 1-{HISTORY_DAYS} (default {default_of('report.days')})"),
+            JSON_OPTION,
+        ]),
+        ("queue", cmd_queue, "show who is waiting for GPUs, in order", [
+            "canhazgpu queue",
+            "canhazgpu queue --json",
+        ], [JSON_OPTION]),
+        ("web", cmd_web, "serve the dashboard, a JSON API and Prometheus metrics", [
+            "canhazgpu web --port 8080",
+            "canhazgpu web --demo   # sample data, no Redis",
+        ], [
+            opt("--host", metavar="HOST",
+                help=f"address to listen on (default {default_of('web.host')})"),
+            opt("-p", "--port", type=arg_type("port", "port"), metavar="N",
+                help=f"port (default {default_of('web.port')})"),
+            switch("--demo", help="serve sample data without Redis"),
+        ]),
+    ]  # fmt: skip
+
+
+def add_options(target, options, default=None):
+    """Add parser-table options to a parser, group or exclusive group."""
+    for option in options:
+        if isinstance(option, OneOf):
+            add_options(target.add_mutually_exclusive_group(), option, default)
+            continue
+        flags, kwargs = option
+        target.add_argument(*flags, **(dict(kwargs, default=default) if default else kwargs))
 
 
 COMMANDS = {}
@@ -4412,175 +4480,22 @@ def build_parser():
         "~/.canhazgpu.{yaml,json,toml}, /etc/canhazgpu/config.{toml,json,yaml}.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    add_global_options(parser, suppress=False)
+    add_options(parser.add_argument_group("global options"), global_options())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-
-    def command(name, func, help, epilog):
+    for name, func, help, lines, options in command_table():
         p = sub.add_parser(
             name,
             help=help,
             description=help,
-            epilog=epilog,
+            epilog=examples(*lines),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        add_global_options(p, suppress=True)
+        # SUPPRESS: a global option given before the command is not reset by this parser.
+        add_options(p.add_argument_group("global options"), global_options(), argparse.SUPPRESS)
+        add_options(p, options)
         COMMANDS[name] = func
-        return p
-
-    p = command(
-        "admin",
-        cmd_admin,
-        "initialise the GPU pool of this machine",
-        examples(
-            "canhazgpu admin --gpus 8",
-            "canhazgpu admin --gpus 4 --force   # ends every reservation (asks first)",
-            "canhazgpu admin --gpus 4 --force --yes   # from a script: no question",
-            "canhazgpu admin --gpus 4 --provider fake   # a machine without GPUs",
-        ),
-    )
-    p.add_argument(
-        "-g",
-        "--gpus",
-        type=arg_type("count", "count"),
-        required=True,
-        metavar="N",
-        help="number of GPUs in the pool",
-    )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="re-initialise an existing pool, ending every reservation",
-    )
-    p.add_argument(
-        "-y", "--yes", action="store_true", help="with --force: do not ask on a terminal"
-    )
-    p.add_argument(
-        "-p", "--provider", choices=PROVIDERS, help="how GPU usage is validated (default: detected)"
-    )
-
-    p = command(
-        "status",
-        cmd_status,
-        "show who holds which GPU, and who uses one unreserved",
-        examples("canhazgpu status", "canhazgpu status --json | jq '.[] | .status'"),
-    )
-    p.add_argument("-j", "--json", action="store_true", help="print JSON")
-    p.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1)")
-
-    p = command(
-        "run",
-        cmd_run,
-        "reserve GPUs, run a command on them, release them when it ends",
-        examples(
-            "canhazgpu run --gpus 2 -- python train.py",
-            "canhazgpu run --gpu-ids 1,3 --timeout 2h -- ./train.sh",
-            "canhazgpu run --nonblock -- python eval.py   # fail if none is free",
-        ),
-    )
-    add_request_options(p, "run")
-    p.add_argument(
-        "-t",
-        "--timeout",
-        type=arg_type("duration", "duration"),
-        metavar="D",
-        help="stop the command after D (e.g. 2h); exit 124",
-    )
-    p.add_argument(
-        "--signal",
-        type=arg_type("signal", "signal"),
-        metavar="SIG",
-        help=f"signal sent at the timeout (default {default_of('run.signal')})",
-    )
-    p.add_argument(
-        "--kill-after",
-        type=arg_type("duration", "duration"),
-        metavar="D",
-        help=f"SIGKILL this long after the timeout signal (default {default_of('run.kill_after')})",
-    )
-    p.add_argument("stray", nargs="*", help=argparse.SUPPRESS)  # a command without `--`
-    p.usage = p.format_usage()[len("usage: ") :].rstrip() + " -- COMMAND [ARG ...]"
-
-    p = command(
-        "reserve",
-        cmd_reserve,
-        "reserve GPUs for interactive work",
-        examples(
-            "canhazgpu reserve                         # 1 GPU for 8h",
-            "canhazgpu reserve --gpus 2 --duration 4h --note 'notebook'",
-            "export CUDA_VISIBLE_DEVICES=$(canhazgpu reserve --short)",
-            "canhazgpu reserve --gpu-ids 3 --force   # adopt work already running on GPU 3",
-        ),
-    )
-    add_request_options(p, "reserve")
-    p.add_argument(
-        "-d",
-        "--duration",
-        type=arg_type("duration", "duration"),
-        metavar="D",
-        help=f"how long (default {default_of('reserve.duration')}; 30m, 0.5h, 2d, 1h30m)",
-    )
-    p.add_argument(
-        "-f", "--force", action="store_true", help="also take GPUs in use without a reservation"
-    )
-    p.add_argument("-s", "--short", action="store_true", help="print only the ids, e.g. 1,3")
-
-    p = command(
-        "release",
-        cmd_release,
-        "release your reservations",
-        examples(
-            "canhazgpu release              # all your manual reservations",
-            "canhazgpu release --gpu-ids 1,3",
-        ),
-    )
-    p.add_argument(
-        "-G",
-        "--gpu-ids",
-        type=gpu_ids,
-        metavar="IDS",
-        help="release these GPUs (yours, run or manual)",
-    )
-
-    p = command(
-        "report",
-        cmd_report,
-        "GPU hours per user",
-        examples("canhazgpu report", "canhazgpu report --days 7 --json"),
-    )
-    p.add_argument(
-        "-d",
-        "--days",
-        type=arg_type("days", "days"),
-        metavar="N",
-        help=f"days to cover, 1-{HISTORY_DAYS} (default {default_of('report.days')})",
-    )
-    p.add_argument("-j", "--json", action="store_true", help="print JSON")
-
-    p = command(
-        "queue",
-        cmd_queue,
-        "show who is waiting for GPUs, in order",
-        examples("canhazgpu queue", "canhazgpu queue --json"),
-    )
-    p.add_argument("-j", "--json", action="store_true", help="print JSON")
-
-    p = command(
-        "web",
-        cmd_web,
-        "serve the dashboard, a JSON API and Prometheus metrics",
-        examples("canhazgpu web --port 8080", "canhazgpu web --demo   # sample data, no Redis"),
-    )
-    p.add_argument(
-        "--host", metavar="HOST", help=f"address to listen on (default {default_of('web.host')})"
-    )
-    p.add_argument(
-        "-p",
-        "--port",
-        type=arg_type("port", "port"),
-        metavar="N",
-        help=f"port (default {default_of('web.port')})",
-    )
-    p.add_argument("--demo", action="store_true", help="serve sample data without Redis")
+    run = sub.choices["run"]
+    run.usage = run.format_usage()[len("usage: ") :].rstrip() + " -- COMMAND [ARG ...]"
     return parser
 
 

@@ -338,3 +338,13 @@ def test_gpu_ids_never_wait_for_a_frozen_redis(live, redis_server, shell):
     started = time.monotonic()
     assert live.complete(shell, "canhazgpu reserve -G ", timeout=30) == [[]]
     assert time.monotonic() - started < 8, "completion waited for Redis"
+
+
+def test_the_generated_option_lists_are_up_to_date():
+    """The bash and fish option lists are generated from the parser: `make completions`."""
+    p = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "gen_completions.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr
