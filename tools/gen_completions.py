@@ -59,9 +59,7 @@ def commands(program):
     global_group = next(g for g in parser._action_groups if g.title == "global options")
     globals_ = options(parser, global_group)
     names = {a.dest for a in globals_}
-    own = {
-        name: [a for a in options(p) if a.dest not in names] for name, p in sub.choices.items()
-    }
+    own = {name: [a for a in options(p) if a.dest not in names] for name, p in sub.choices.items()}
     return helps, globals_, own
 
 
@@ -107,9 +105,7 @@ def fish_option(prog_condition, action, command=None):
 
 def fish_block(helps, globals_, own):
     lines = ["    set -l before_command 'not __canhazgpu_command'"]
-    lines += [
-        f"    complete -c $prog -n $before_command -a {c} -d '{h}'" for c, h in helps.items()
-    ]
+    lines += [f"    complete -c $prog -n $before_command -a {c} -d '{h}'" for c, h in helps.items()]
     lines += [
         "    complete -c $prog -n $before_command -l version -d 'print the version and exit'",
         "    # Global options, before or after the command.",
