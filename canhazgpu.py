@@ -9,9 +9,18 @@ State lives in Redis and is shared, key for key, with the Go implementation of
 the same tool.  Every decision that hands out or frees a GPU is made inside one
 Redis Lua script, so no GPU is ever given to two holders, without a global lock.
 
-The sections below come in dependency order:
-configuration, time and durations, Redis state and Lua scripts, GPU providers,
-allocation and queue, supervisor, commands, web, entry point.
+The sections below come in dependency order; each names only what comes before it:
+  Errors, messages and identity - CanhazError, the one stderr helper, who the user is.
+  Time and durations - parsing and showing durations and timestamps in every form.
+  Configuration - SETTINGS (every setting and its default), files, the Redis address.
+  Redis state and Lua scripts - the keys, the scripts with their contracts, Store.
+  GPU providers - what nvidia-smi, amd-smi or the fake provider say the GPUs do.
+  Allocation and queue - Reservation, Request, Pool, acquiring and waiting in the queue.
+  Supervisor - `run`: the command's process group, signals, heartbeat, clean-up.
+  Commands - one cmd_* function per command, and the text they print.
+  Web - the dashboard's routes, provider cache, metrics, server, demo data and page.
+  Entry point - the parser (one table), App (one invocation), main().
+  Data - the dashboard's style, script and page templates.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ PROG = "canhazgpu"
 
 
 # ============================================================================
-# Configuration
+# Errors, messages and identity
 # ============================================================================
 
 
@@ -89,6 +98,118 @@ def printable(text):
 
 def warn(message):
     tell(f"Warning: {message}")
+
+
+def current_user():
+    """The real OS account of this process: from its uid, never from $USER."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid{os.getuid()}"
+
+
+def say(text=""):
+    """stdout is the result; a closed pipe (| head) must not end in a traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os._exit(0)
+
+
+# ============================================================================
+# Time and durations
+# ============================================================================
+
+DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([smhd])", re.I)
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Go clients keep durations as int64 nanoseconds (a queue entry's expiry_duration).
+MAX_DURATION = (2**63 - 1) / 1e9
+RFC3339 = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?\s*([Zz]|[+-]\d\d:?\d\d)?"
+)
+
+
+def parse_duration(text):
+    """'30s', '0.5h', '2d', '1h30m' -> seconds.  Zero, negative or unit-less is an error."""
+    compact = str(text).strip().lower()
+    parts = DURATION_PART.findall(compact)
+    if not compact or DURATION_PART.sub("", compact).strip():
+        raise ValueError(f"expected a duration like 30s, 15m, 2h, 1d or 1h30m, got {text!r}")
+    seconds = sum(float(n) * UNIT_SECONDS[u.lower()] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"a duration must be longer than zero, got {text!r}")
+    if not seconds <= MAX_DURATION:
+        raise ValueError(f"a duration must be at most {int(MAX_DURATION // 86400)}d, got {text!r}")
+    return seconds
+
+
+def format_duration(seconds):
+    """Seconds -> '1h 2m 15s' (the format of the Go implementation)."""
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h {seconds % 3600 // 60}m {seconds % 60}s"
+
+
+def format_span(seconds):
+    """A compact human duration for requests and waits: '8h', '1h30m', '45s'."""
+    seconds = int(round(seconds))
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            out += f"{seconds // size}{unit}"
+            seconds %= size
+    return out or "0s"
+
+
+def parse_time(value):
+    """Any timestamp form found in Redis -> Unix seconds (float), or None.
+
+    Unix numbers (int or float, bare or quoted) come from Python writers and
+    ours; RFC 3339 strings with any offset come from the Go implementation.
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        number = float(value)
+        return number if math.isfinite(number) else None
+    except ValueError:
+        pass
+    m = RFC3339.fullmatch(value.strip())
+    if not m:
+        return None
+    import calendar
+
+    y, mo, d, h, mi, s, frac, offset = m.groups()
+    try:
+        t = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(s), 0, 0, 0))
+    except ValueError:  # month 13 and the like
+        return None
+    t += float(frac) if frac else 0.0
+    if offset and offset not in "Zz":
+        sign = -1 if offset[0] == "+" else 1
+        digits = offset[1:].replace(":", "")
+        t += sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    return t
+
+
+def rfc3339(t):
+    """Unix seconds -> '2026-11-23T10:00:00Z', for JSON output."""
+    if t is None:
+        return None
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    except (OverflowError, OSError, ValueError):  # a far-off time someone wrote to Redis
+        return None
+
+
+# ============================================================================
+# Configuration
+# ============================================================================
 
 
 HISTORY_DAYS = 90  # usage records are kept this long; reports reach this far back
@@ -402,105 +523,6 @@ class Config:
                 f"{format_span(interval)} (from {self.source('heartbeat.interval')})",
                 hint="raise the timeout or shorten the interval",
             )
-
-
-def current_user():
-    """The real OS account of this process: from its uid, never from $USER."""
-    import pwd
-
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return f"uid{os.getuid()}"
-
-
-# ============================================================================
-# Time and durations
-# ============================================================================
-
-DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([smhd])", re.I)
-UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-# Go clients keep durations as int64 nanoseconds (a queue entry's expiry_duration).
-MAX_DURATION = (2**63 - 1) / 1e9
-RFC3339 = re.compile(
-    r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?\s*([Zz]|[+-]\d\d:?\d\d)?"
-)
-
-
-def parse_duration(text):
-    """'30s', '0.5h', '2d', '1h30m' -> seconds.  Zero, negative or unit-less is an error."""
-    compact = str(text).strip().lower()
-    parts = DURATION_PART.findall(compact)
-    if not compact or DURATION_PART.sub("", compact).strip():
-        raise ValueError(f"expected a duration like 30s, 15m, 2h, 1d or 1h30m, got {text!r}")
-    seconds = sum(float(n) * UNIT_SECONDS[u.lower()] for n, u in parts)
-    if seconds <= 0:
-        raise ValueError(f"a duration must be longer than zero, got {text!r}")
-    if not seconds <= MAX_DURATION:
-        raise ValueError(f"a duration must be at most {int(MAX_DURATION // 86400)}d, got {text!r}")
-    return seconds
-
-
-def format_duration(seconds):
-    """Seconds -> '1h 2m 15s' (the format of the Go implementation)."""
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}h {seconds % 3600 // 60}m {seconds % 60}s"
-
-
-def format_span(seconds):
-    """A compact human duration for requests and waits: '8h', '1h30m', '45s'."""
-    seconds = int(round(seconds))
-    out = ""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size:
-            out += f"{seconds // size}{unit}"
-            seconds %= size
-    return out or "0s"
-
-
-def parse_time(value):
-    """Any timestamp form found in Redis -> Unix seconds (float), or None.
-
-    Unix numbers (int or float, bare or quoted) come from Python writers and
-    ours; RFC 3339 strings with any offset come from the Go implementation.
-    """
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value) if math.isfinite(value) else None
-    if not isinstance(value, str) or not value.strip():
-        return None
-    try:
-        number = float(value)
-        return number if math.isfinite(number) else None
-    except ValueError:
-        pass
-    m = RFC3339.fullmatch(value.strip())
-    if not m:
-        return None
-    import calendar
-
-    y, mo, d, h, mi, s, frac, offset = m.groups()
-    try:
-        t = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(s), 0, 0, 0))
-    except ValueError:  # month 13 and the like
-        return None
-    t += float(frac) if frac else 0.0
-    if offset and offset not in "Zz":
-        sign = -1 if offset[0] == "+" else 1
-        digits = offset[1:].replace(":", "")
-        t += sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
-    return t
-
-
-def rfc3339(t):
-    """Unix seconds -> '2026-11-23T10:00:00Z', for JSON output."""
-    if t is None:
-        return None
-    try:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-    except (OverflowError, OSError, ValueError):  # a far-off time someone wrote to Redis
-        return None
 
 
 # ============================================================================
@@ -2584,14 +2606,6 @@ class Supervisor:
 STATUS_COLOURS = {"AVAILABLE": "32", "IN_USE": "33", "UNRESERVED": "31", "ERROR": "1;31"}
 
 
-def say(text=""):
-    """stdout is the result; a closed pipe (| head) must not end in a traceback."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        os._exit(0)
-
-
 def use_colour(args, stream=sys.stdout):
     return not getattr(args, "no_color", False) and "NO_COLOR" not in os.environ and stream.isatty()
 
@@ -3035,6 +3049,9 @@ def cmd_queue(app):
 # number of viewers start at most one nvidia-smi per window.  `--demo` reads a
 # DemoStore instead of Redis, through the same code.
 
+# ------------------------------ routes
+
+
 WEB_CACHE_SECONDS = 5.0  # how long one provider answer serves every request
 WEB_IO_TIMEOUT = 10.0  # a client silent this long mid-request (or idle) is dropped
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -3047,52 +3064,6 @@ class WebError(Exception):
     def __init__(self, code, message):
         super().__init__(message)
         self.code = code
-
-
-class UsageCache:
-    """The provider's answer, shared by every request for `ttl` seconds.
-
-    Single-flight: the request that finds it stale queries while holding the
-    lock; requests arriving meanwhile wait for that answer instead of starting
-    their own nvidia-smi."""
-
-    def __init__(self, query, ttl=WEB_CACHE_SECONDS):
-        import threading
-
-        self.query, self.ttl = query, ttl
-        self.lock = threading.Lock()
-        self.key, self.usage, self.expires = None, None, 0.0
-        self.runs = self.failures = 0
-        self.error = self.news = None  # the last failure; the last warning given
-
-    def get(self, name, count):
-        """{index: GpuUsage}, or None while the provider fails."""
-        with self.lock:
-            if self.key != (name, count) or time.monotonic() >= self.expires:
-                self.runs += 1
-                error = problem = None
-                try:
-                    self.usage, problem = self.query(name, count)
-                except ProviderError as e:
-                    self.failures += 1
-                    self.usage, error = None, str(e)
-                news = f"cannot validate GPU usage: {error}" if error else None
-                if problem:
-                    news = f"GPU validation is incomplete ({problem}); going on with what answered"
-                if news != self.news:  # say it when it starts or changes, not every window
-                    warn(news or "GPU validation is back")
-                self.error, self.news = error, news
-                self.key = (name, count)
-                self.expires = time.monotonic() + self.ttl
-            return self.usage
-
-
-def provider_usage(name, count):
-    """(usage, what is missing from it or None); raises ProviderError."""
-    provider = Provider.create(name, count)
-    usage = provider.usage()
-    inspect_processes(usage)
-    return usage, provider.problem
 
 
 class Site:
@@ -3207,8 +3178,24 @@ class Site:
                 ({"gpu": r["gpu_id"]}, r[field] * 2**20) for r in rows if r.get(field) is not None
             ]
             out.add(f"canhazgpu_gpu_memory_{what}_bytes", "gauge", help, samples)
-        # Labelled with the display name and the real account: one account using
-        # --user names counts once per name, and sums by account.
+        self.user_metrics(out, rows)
+        out.add(
+            "canhazgpu_queue_length",
+            "gauge",
+            "Requests waiting in the queue.",
+            [({}, queue["total"])],
+        )
+        out.add(
+            "canhazgpu_queue_oldest_wait_seconds",
+            "gauge",
+            "How long the longest-waiting request has waited (0: empty queue).",
+            [({}, queue["oldest_wait_seconds"])],
+        )
+
+    @staticmethod
+    def user_metrics(out, rows):
+        """Labelled with the display name and the real account: one account using
+        --user names counts once per name, and sums by account."""
         held, unreserved = {}, {}
         for r in rows:
             if r["status"] == "IN_USE":
@@ -3222,18 +3209,62 @@ class Site:
         ):
             samples = [({"user": u, "account": a}, n) for (u, a), n in sorted(counts.items())]
             out.add(f"canhazgpu_user_{name}_gpus", "gauge", help, samples)
-        out.add(
-            "canhazgpu_queue_length",
-            "gauge",
-            "Requests waiting in the queue.",
-            [({}, queue["total"])],
-        )
-        out.add(
-            "canhazgpu_queue_oldest_wait_seconds",
-            "gauge",
-            "How long the longest-waiting request has waited (0: empty queue).",
-            [({}, queue["oldest_wait_seconds"])],
-        )
+
+
+def json_reply(obj, code=200):
+    return code, "application/json", json.dumps(obj)
+
+
+# ------------------------------ cache
+
+
+class UsageCache:
+    """The provider's answer, shared by every request for `ttl` seconds.
+
+    Single-flight: the request that finds it stale queries while holding the
+    lock; requests arriving meanwhile wait for that answer instead of starting
+    their own nvidia-smi."""
+
+    def __init__(self, query, ttl=WEB_CACHE_SECONDS):
+        import threading
+
+        self.query, self.ttl = query, ttl
+        self.lock = threading.Lock()
+        self.key, self.usage, self.expires = None, None, 0.0
+        self.runs = self.failures = 0
+        self.error = self.news = None  # the last failure; the last warning given
+
+    def get(self, name, count):
+        """{index: GpuUsage}, or None while the provider fails."""
+        with self.lock:
+            if self.key != (name, count) or time.monotonic() >= self.expires:
+                self.runs += 1
+                error = problem = None
+                try:
+                    self.usage, problem = self.query(name, count)
+                except ProviderError as e:
+                    self.failures += 1
+                    self.usage, error = None, str(e)
+                news = f"cannot validate GPU usage: {error}" if error else None
+                if problem:
+                    news = f"GPU validation is incomplete ({problem}); going on with what answered"
+                if news != self.news:  # say it when it starts or changes, not every window
+                    warn(news or "GPU validation is back")
+                self.error, self.news = error, news
+                self.key = (name, count)
+                self.expires = time.monotonic() + self.ttl
+            return self.usage
+
+
+def provider_usage(name, count):
+    """(usage, what is missing from it or None); raises ProviderError."""
+    provider = Provider.create(name, count)
+    usage = provider.usage()
+    inspect_processes(usage)
+    return usage, provider.problem
+
+
+# ------------------------------ metrics
 
 
 class Metrics:
@@ -3256,8 +3287,7 @@ def metric_label(value):
     return str(value).replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
 
 
-def json_reply(obj, code=200):
-    return code, "application/json", json.dumps(obj)
+# ------------------------------ server
 
 
 class WebRequests:
@@ -3424,6 +3454,9 @@ def cmd_web(app):
     return 0
 
 
+# ------------------------------ demo
+
+
 class DemoStore:
     """`web --demo`: a sample pool, queue and usage history in the shapes Redis
     holds them, read through the same code as real data.  Times follow the clock."""
@@ -3500,7 +3533,14 @@ class DemoStore:
             {"last_released": t0 - 2520},
             None,
         ]
-        queue = [
+        # An absent key comes back as None, as redis-py returns the script's false.
+        raws = [json.dumps({k: v for k, v in s.items() if v}) if s else None for s in states]
+        return [len(states), "nvidia", raws, [json.dumps(q) for q in self.queue(t0, now)]]
+
+    @staticmethod
+    def queue(t0, now):
+        """Two waiters: dave for GPUs 0 and 1, erin for GPU 2."""
+        return [
             {
                 "id": "5b0c7d1e-demo-0001",
                 "user": "dave",
@@ -3525,9 +3565,6 @@ class DemoStore:
                 "last_heartbeat": now,
             },
         ]
-        # An absent key comes back as None, as redis-py returns the script's false.
-        raws = [json.dumps({k: v for k, v in s.items() if v}) if s else None for s in states]
-        return [len(states), "nvidia", raws, [json.dumps(q) for q in queue]]
 
 
 def demo_usage(name, count):
@@ -3567,6 +3604,418 @@ def demo_usage(name, count):
             p.owner, p.model = owner, detect_model(cmdline)
             gpu.processes.append(p)
     return usage, None
+
+
+# ------------------------------ page
+
+
+def dashboard_page(host, demo):
+    """The page (bytes) and its Content-Security-Policy: only the page's own
+    script and style run, and they talk only to this server."""
+    import base64
+    import hashlib
+    import html
+    from urllib.parse import quote
+
+    def digest(text):
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+    values = {
+        "HOST": html.escape(host),
+        "DEMO": "1" if demo else "0",
+        "VERSION": __version__,
+        "ICON": "data:image/svg+xml," + quote(WEB_LOGO),
+        "LOGO": WEB_LOGO,
+        "CSS": WEB_CSS,
+        "JS": WEB_JS,
+    }
+    page = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], WEB_HTML)
+    csp = (
+        f"default-src 'none'; script-src {digest(WEB_JS)}; style-src {digest(WEB_CSS)}; "
+        "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+    return page.encode(), csp
+
+
+# ============================================================================
+# Entry point
+# ============================================================================
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with our error format: `Error: ...` and a hint, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"Error: {message}\nTry '{self.prog} --help'.\n")
+
+
+def gpu_ids(text):
+    """'1,3' -> [1, 3]; duplicates, negatives and non-numbers are errors."""
+    ids = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not re.fullmatch(r"\d+", part):
+            raise argparse.ArgumentTypeError(f"expected GPU ids like 0,2,3, got {text!r}")
+        if int(part) in ids:
+            raise argparse.ArgumentTypeError(f"GPU {part} is listed twice in {text!r}")
+        ids.append(int(part))
+    return sorted(ids)
+
+
+def arg_type(kind, what):
+    def convert(text):
+        try:
+            return convert_setting(kind, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = what  # argparse names the type in its messages
+    return convert
+
+
+def plain_text(what):
+    """An argparse type for text others will see: no control characters, so no
+    escape sequence reaches their terminals and no newline breaks a table."""
+
+    def convert(text):
+        if CONTROL.search(text):
+            raise argparse.ArgumentTypeError(
+                f"the {what} must not contain control characters, got {printable(text)!r}"
+            )
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"the {what} must not be empty")
+        return text
+
+    convert.__name__ = what
+    return convert
+
+
+def default_of(key):
+    """A setting's built-in default as help texts show it: 8h, INT, 1024."""
+    kind, default, _ = SETTINGS[key]
+    if kind == "duration":
+        return format_span(default)
+    if kind == "signal":
+        return signal.Signals(default).name[3:]
+    return str(default)
+
+
+def examples(*lines):
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def opt(*flags, **kwargs):
+    """One option of the parser table: add_argument's arguments."""
+    return flags, kwargs
+
+
+def switch(*flags, help):
+    return opt(*flags, action="store_true", help=help)
+
+
+class OneOf(list):
+    """Options of the parser table that exclude each other."""
+
+
+def global_options():
+    """Accepted before or after the command name (each command's parser has them too)."""
+    return [
+        opt("--config", metavar="PATH", help="config file to read"),
+        opt("--redis-url", metavar="URL", type=arg_type("url", "URL"),
+            help="redis://[:password@]host:port/db, rediss://... or unix:///path"),
+        opt("--redis-host", metavar="HOST", type=arg_type("str", "host"),
+            help=f"Redis host ({default_of('redis.host')})"),
+        opt("--redis-port", metavar="N", type=arg_type("port", "port"),
+            help=f"Redis port ({default_of('redis.port')})"),
+        opt("--redis-db", metavar="N", type=arg_type("count0", "db"),
+            help=f"Redis database number ({default_of('redis.db')})"),
+        opt("--memory-threshold", metavar="MB", type=arg_type("count0", "threshold"),
+            help=f"a GPU using more memory than this is in use ({default_of('memory.threshold')})"),
+        opt("--debug", action="store_true", help=argparse.SUPPRESS),
+    ]  # fmt: skip
+
+
+def request_options(kind):
+    """What run and reserve share: how many GPUs, waiting, and how they are shown."""
+    return [
+        opt("-g", "--gpus", type=arg_type("count", "count"), metavar="N",
+            help=f"number of GPUs (default {default_of(kind + '.gpus')})"),
+        opt("-G", "--gpu-ids", type=gpu_ids, metavar="IDS", help="specific GPUs, e.g. 1,3"),
+        OneOf([
+            switch("--nonblock", help="fail at once instead of waiting in the queue"),
+            opt("-w", "--wait", type=arg_type("duration", "duration"), metavar="D",
+                help="wait in the queue at most D (e.g. 30m); default: as long as it takes"),
+        ]),
+        opt("-n", "--note", type=plain_text("note"), metavar="TEXT", help="a note shown in status"),
+        opt("-u", "--user", type=plain_text("name"), metavar="NAME",
+            help="display name for a shared account (ownership stays yours)"),
+    ]  # fmt: skip
+
+
+JSON_OPTION = switch("-j", "--json", help="print JSON")
+
+
+def command_table():
+    """The parser table: each command's name, function, help, examples and options."""
+    return [
+        ("admin", cmd_admin, "initialise the GPU pool of this machine", [
+            "canhazgpu admin --gpus 8",
+            "canhazgpu admin --gpus 4 --force   # ends every reservation (asks first)",
+            "canhazgpu admin --gpus 4 --force --yes   # from a script: no question",
+            "canhazgpu admin --gpus 4 --provider fake   # a machine without GPUs",
+        ], [
+            opt("-g", "--gpus", type=arg_type("count", "count"), required=True, metavar="N",
+                help="number of GPUs in the pool"),
+            switch("--force", help="re-initialise an existing pool, ending every reservation"),
+            switch("-y", "--yes", help="with --force: do not ask on a terminal"),
+            opt("-p", "--provider", choices=PROVIDERS,
+                help="how GPU usage is validated (default: detected)"),
+        ]),
+        ("status", cmd_status, "show who holds which GPU, and who uses one unreserved", [
+            "canhazgpu status",
+            "canhazgpu status --json | jq '.[] | .status'",
+        ], [
+            JSON_OPTION,
+            switch("--no-color", help="no colours (also: NO_COLOR=1)"),
+        ]),
+        ("run", cmd_run, "reserve GPUs, run a command on them, release them when it ends", [
+            "canhazgpu run --gpus 2 -- python train.py",
+            "canhazgpu run --gpu-ids 1,3 --timeout 2h -- ./train.sh",
+            "canhazgpu run --nonblock -- python eval.py   # fail if none is free",
+        ], [
+            *request_options("run"),
+            opt("-t", "--timeout", type=arg_type("duration", "duration"), metavar="D",
+                help="stop the command after D (e.g. 2h); exit 124"),
+            opt("--signal", type=arg_type("signal", "signal"), metavar="SIG",
+                help=f"signal sent at the timeout (default {default_of('run.signal')})"),
+            opt("--kill-after", type=arg_type("duration", "duration"), metavar="D",
+                help="SIGKILL this long after the timeout signal "
+                f"(default {default_of('run.kill_after')})"),
+            opt("stray", nargs="*", help=argparse.SUPPRESS),  # a command without `--`
+        ]),
+        ("reserve", cmd_reserve, "reserve GPUs for interactive work", [
+            "canhazgpu reserve                         # 1 GPU for 8h",
+            "canhazgpu reserve --gpus 2 --duration 4h --note 'notebook'",
+            "export CUDA_VISIBLE_DEVICES=$(canhazgpu reserve --short)",
+            "canhazgpu reserve --gpu-ids 3 --force   # adopt work already running on GPU 3",
+        ], [
+            *request_options("reserve"),
+            opt("-d", "--duration", type=arg_type("duration", "duration"), metavar="D",
+                help=f"how long (default {default_of('reserve.duration')}; 30m, 0.5h, 2d, 1h30m)"),
+            switch("-f", "--force", help="also take GPUs in use without a reservation"),
+            switch("-s", "--short", help="print only the ids, e.g. 1,3"),
+        ]),
+        ("release", cmd_release, "release your reservations", [
+            "canhazgpu release              # all your manual reservations",
+            "canhazgpu release --gpu-ids 1,3",
+        ], [
+            opt("-G", "--gpu-ids", type=gpu_ids, metavar="IDS",
+                help="release these GPUs (yours, run or manual)"),
+        ]),
+        ("report", cmd_report, "GPU hours per user", [
+            "canhazgpu report",
+            "canhazgpu report --days 7 --json",
+        ], [
+            opt("-d", "--days", type=arg_type("days", "days"), metavar="N",
+                help=f"days to cover, 1-{HISTORY_DAYS} (default {default_of('report.days')})"),
+            JSON_OPTION,
+        ]),
+        ("queue", cmd_queue, "show who is waiting for GPUs, in order", [
+            "canhazgpu queue",
+            "canhazgpu queue --json",
+        ], [JSON_OPTION]),
+        ("web", cmd_web, "serve the dashboard, a JSON API and Prometheus metrics", [
+            "canhazgpu web --port 8080",
+            "canhazgpu web --demo   # sample data, no Redis",
+        ], [
+            opt("--host", metavar="HOST",
+                help=f"address to listen on (default {default_of('web.host')})"),
+            opt("-p", "--port", type=arg_type("port", "port"), metavar="N",
+                help=f"port (default {default_of('web.port')})"),
+            switch("--demo", help="serve sample data without Redis"),
+        ]),
+    ]  # fmt: skip
+
+
+def add_options(target, options, default=None):
+    """Add parser-table options to a parser, group or exclusive group."""
+    for option in options:
+        if isinstance(option, OneOf):
+            add_options(target.add_mutually_exclusive_group(), option, default)
+            continue
+        flags, kwargs = option
+        target.add_argument(*flags, **(dict(kwargs, default=default) if default else kwargs))
+
+
+COMMANDS = {}
+
+
+def build_parser():
+    parser = Parser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Reserve GPUs on a shared machine, run commands on them, "
+        "and see who holds what.",
+        epilog=examples(
+            "canhazgpu admin --gpus 8            # once, as the admin",
+            "canhazgpu status                    # who holds what",
+            "canhazgpu run --gpus 2 -- python train.py",
+            "canhazgpu reserve --gpus 1 --duration 4h",
+            "canhazgpu release",
+            "canhazgpu report --days 7",
+        )
+        + "\n\nEach command has its own --help.  Configuration: CANHAZGPU_* variables,\n"
+        "~/.canhazgpu.{yaml,json,toml}, /etc/canhazgpu/config.{toml,json,yaml}.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_options(parser.add_argument_group("global options"), global_options())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, func, help, lines, options in command_table():
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=examples(*lines),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        # SUPPRESS: a global option given before the command is not reset by this parser.
+        add_options(p.add_argument_group("global options"), global_options(), argparse.SUPPRESS)
+        add_options(p, options)
+        COMMANDS[name] = func
+    run = sub.choices["run"]
+    run.usage = run.format_usage()[len("usage: ") :].rstrip() + " -- COMMAND [ARG ...]"
+    return parser
+
+
+class App:
+    """One invocation: its arguments, its configuration, and lazily its Redis."""
+
+    NEEDS_PROVIDER = ("status", "run", "reserve")
+
+    def __init__(self, args):
+        self.args = args
+        self.config = Config.load(args.config, flags=self.flags(args))
+        self._store = self._pool = None
+        self._early = None
+        if args.command in self.NEEDS_PROVIDER:
+            # Guess the provider and start its queries now, before Redis is even
+            # imported: most of nvidia-smi's latency hides behind our start-up.
+            guess = next((p for p in (NvidiaProvider, AmdProvider) if p.installed()), None)
+            if guess is not None:
+                self._early = guess()
+                self._early.start()
+
+    @staticmethod
+    def flags(args):
+        """{config key: (value, '--flag')} for the settings given on the command line:
+        the global options, and `<command>.<option>` for a command's own (run.timeout)."""
+        flags = {}
+        for dest, value in vars(args).items():
+            flag = dest.replace("_", "-")
+            key = GLOBAL_OPTIONS.get(flag) or f"{args.command}.{dest}"
+            if value is not None and key in SETTINGS:
+                flags[key] = (value, "--" + flag)
+        return flags
+
+    def store(self):
+        if self._store is None:
+            self._store = Store(self.config)
+        return self._store
+
+    def pool(self):
+        if self._pool is None:
+            self._pool = Pool(self.store(), self.config, self._early)
+        return self._pool
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.close()
+        elif self._early is not None:
+            self._early.discard()
+
+
+def split_command(argv):
+    """`run [options] -- CMD...` -> (options, CMD); CMD is None without `--`."""
+    if "--" in argv:
+        k = argv.index("--")
+        return argv[:k], argv[k + 1 :]
+    return argv, None
+
+
+PASSWORDS = (
+    re.compile(rb"(://[^:@/]*:)(.*)(@)", re.S),  # the userinfo's, up to the last '@'
+    re.compile(rb"([?&]password=)([^&#]*)()", re.I),
+)
+
+
+def hide_passwords_from_ps():
+    """A password given on the command line (--redis-url redis://:pw@...) shows in
+    every user's `ps` for as long as we run, and a `run` lasts hours: overwrite it
+    with asterisks in our own argv, which is what /proc/PID/cmdline reads."""
+    if not any(p.search(os.fsencode(a)) for a in sys.argv for p in PASSWORDS):
+        return
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (proc(5))
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            args = mem.read(end - start)
+            for p in PASSWORDS:
+                args = p.sub(lambda m: m[1] + b"*" * len(m[2]) + m[3], args)
+            mem.seek(start)
+            mem.write(args)
+    except (OSError, ValueError, IndexError):  # not Linux, or /proc not mounted
+        pass
+
+
+def main(argv=None):
+    quiet_interrupts()  # the console scripts of `pip install` start here
+    if argv is None:
+        hide_passwords_from_ps()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    options, command = split_command(argv)
+    args = parser.parse_args(options)
+    args.argv = command
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command != "run" and command is not None:
+        parser.error(f"unexpected arguments after --: {' '.join(command)}")
+    app = None
+    try:
+        app = App(args)
+        return COMMANDS[args.command](app)
+    except CanhazError as e:
+        report_error(e, args)
+        code = e.code
+        return 125 if args.command == "run" and code == 1 else code
+    except Interrupted as e:
+        if app is not None:
+            app.close()
+        die_of(e.signum)
+    finally:
+        if app is not None:
+            app.close()
+
+
+def report_error(error, args):
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exc()
+    tell(f"Error: {error}")
+    if error.hint:
+        tell(f"Hint: {error.hint}")
+
+
+# ============================================================================
+# Data
+# ============================================================================
+#
+# Templates and constants, last as in bottle.py: the dashboard's style, script and page.
 
 
 # The dashboard: one self-contained page.  Its script builds every element
@@ -4218,408 +4667,6 @@ WEB_LOGO = (
     '<path d="M10 5v4M16 5v4M22 5v4M10 23v4M16 23v4M22 23v4" stroke="#fff" stroke-width="2"/>'
     "</svg>"
 )
-
-
-def dashboard_page(host, demo):
-    """The page (bytes) and its Content-Security-Policy: only the page's own
-    script and style run, and they talk only to this server."""
-    import base64
-    import hashlib
-    import html
-    from urllib.parse import quote
-
-    def digest(text):
-        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
-
-    values = {
-        "HOST": html.escape(host),
-        "DEMO": "1" if demo else "0",
-        "VERSION": __version__,
-        "ICON": "data:image/svg+xml," + quote(WEB_LOGO),
-        "LOGO": WEB_LOGO,
-        "CSS": WEB_CSS,
-        "JS": WEB_JS,
-    }
-    page = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], WEB_HTML)
-    csp = (
-        f"default-src 'none'; script-src {digest(WEB_JS)}; style-src {digest(WEB_CSS)}; "
-        "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
-        "frame-ancestors 'none'"
-    )
-    return page.encode(), csp
-
-
-# ============================================================================
-# Entry point
-# ============================================================================
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with our error format: `Error: ...` and a hint, exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"Error: {message}\nTry '{self.prog} --help'.\n")
-
-
-def gpu_ids(text):
-    """'1,3' -> [1, 3]; duplicates, negatives and non-numbers are errors."""
-    ids = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not re.fullmatch(r"\d+", part):
-            raise argparse.ArgumentTypeError(f"expected GPU ids like 0,2,3, got {text!r}")
-        if int(part) in ids:
-            raise argparse.ArgumentTypeError(f"GPU {part} is listed twice in {text!r}")
-        ids.append(int(part))
-    return sorted(ids)
-
-
-def arg_type(kind, what):
-    def convert(text):
-        try:
-            return convert_setting(kind, text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    convert.__name__ = what  # argparse names the type in its messages
-    return convert
-
-
-def plain_text(what):
-    """An argparse type for text others will see: no control characters, so no
-    escape sequence reaches their terminals and no newline breaks a table."""
-
-    def convert(text):
-        if CONTROL.search(text):
-            raise argparse.ArgumentTypeError(
-                f"the {what} must not contain control characters, got {printable(text)!r}"
-            )
-        if not text.strip():
-            raise argparse.ArgumentTypeError(f"the {what} must not be empty")
-        return text
-
-    convert.__name__ = what
-    return convert
-
-
-def default_of(key):
-    """A setting's built-in default as help texts show it: 8h, INT, 1024."""
-    kind, default, _ = SETTINGS[key]
-    if kind == "duration":
-        return format_span(default)
-    if kind == "signal":
-        return signal.Signals(default).name[3:]
-    return str(default)
-
-
-def examples(*lines):
-    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
-
-
-def opt(*flags, **kwargs):
-    """One option of the parser table: add_argument's arguments."""
-    return flags, kwargs
-
-
-def switch(*flags, help):
-    return opt(*flags, action="store_true", help=help)
-
-
-class OneOf(list):
-    """Options of the parser table that exclude each other."""
-
-
-def global_options():
-    """Accepted before or after the command name (each command's parser has them too)."""
-    return [
-        opt("--config", metavar="PATH", help="config file to read"),
-        opt("--redis-url", metavar="URL", type=arg_type("url", "URL"),
-            help="redis://[:password@]host:port/db, rediss://... or unix:///path"),
-        opt("--redis-host", metavar="HOST", type=arg_type("str", "host"),
-            help=f"Redis host ({default_of('redis.host')})"),
-        opt("--redis-port", metavar="N", type=arg_type("port", "port"),
-            help=f"Redis port ({default_of('redis.port')})"),
-        opt("--redis-db", metavar="N", type=arg_type("count0", "db"),
-            help=f"Redis database number ({default_of('redis.db')})"),
-        opt("--memory-threshold", metavar="MB", type=arg_type("count0", "threshold"),
-            help=f"a GPU using more memory than this is in use ({default_of('memory.threshold')})"),
-        opt("--debug", action="store_true", help=argparse.SUPPRESS),
-    ]  # fmt: skip
-
-
-def request_options(kind):
-    """What run and reserve share: how many GPUs, waiting, and how they are shown."""
-    return [
-        opt("-g", "--gpus", type=arg_type("count", "count"), metavar="N",
-            help=f"number of GPUs (default {default_of(kind + '.gpus')})"),
-        opt("-G", "--gpu-ids", type=gpu_ids, metavar="IDS", help="specific GPUs, e.g. 1,3"),
-        OneOf([
-            switch("--nonblock", help="fail at once instead of waiting in the queue"),
-            opt("-w", "--wait", type=arg_type("duration", "duration"), metavar="D",
-                help="wait in the queue at most D (e.g. 30m); default: as long as it takes"),
-        ]),
-        opt("-n", "--note", type=plain_text("note"), metavar="TEXT", help="a note shown in status"),
-        opt("-u", "--user", type=plain_text("name"), metavar="NAME",
-            help="display name for a shared account (ownership stays yours)"),
-    ]  # fmt: skip
-
-
-JSON_OPTION = switch("-j", "--json", help="print JSON")
-
-
-def command_table():
-    """The parser table: each command's name, function, help, examples and options."""
-    return [
-        ("admin", cmd_admin, "initialise the GPU pool of this machine", [
-            "canhazgpu admin --gpus 8",
-            "canhazgpu admin --gpus 4 --force   # ends every reservation (asks first)",
-            "canhazgpu admin --gpus 4 --force --yes   # from a script: no question",
-            "canhazgpu admin --gpus 4 --provider fake   # a machine without GPUs",
-        ], [
-            opt("-g", "--gpus", type=arg_type("count", "count"), required=True, metavar="N",
-                help="number of GPUs in the pool"),
-            switch("--force", help="re-initialise an existing pool, ending every reservation"),
-            switch("-y", "--yes", help="with --force: do not ask on a terminal"),
-            opt("-p", "--provider", choices=PROVIDERS,
-                help="how GPU usage is validated (default: detected)"),
-        ]),
-        ("status", cmd_status, "show who holds which GPU, and who uses one unreserved", [
-            "canhazgpu status",
-            "canhazgpu status --json | jq '.[] | .status'",
-        ], [
-            JSON_OPTION,
-            switch("--no-color", help="no colours (also: NO_COLOR=1)"),
-        ]),
-        ("run", cmd_run, "reserve GPUs, run a command on them, release them when it ends", [
-            "canhazgpu run --gpus 2 -- python train.py",
-            "canhazgpu run --gpu-ids 1,3 --timeout 2h -- ./train.sh",
-            "canhazgpu run --nonblock -- python eval.py   # fail if none is free",
-        ], [
-            *request_options("run"),
-            opt("-t", "--timeout", type=arg_type("duration", "duration"), metavar="D",
-                help="stop the command after D (e.g. 2h); exit 124"),
-            opt("--signal", type=arg_type("signal", "signal"), metavar="SIG",
-                help=f"signal sent at the timeout (default {default_of('run.signal')})"),
-            opt("--kill-after", type=arg_type("duration", "duration"), metavar="D",
-                help="SIGKILL this long after the timeout signal "
-                f"(default {default_of('run.kill_after')})"),
-            opt("stray", nargs="*", help=argparse.SUPPRESS),  # a command without `--`
-        ]),
-        ("reserve", cmd_reserve, "reserve GPUs for interactive work", [
-            "canhazgpu reserve                         # 1 GPU for 8h",
-            "canhazgpu reserve --gpus 2 --duration 4h --note 'notebook'",
-            "export CUDA_VISIBLE_DEVICES=$(canhazgpu reserve --short)",
-            "canhazgpu reserve --gpu-ids 3 --force   # adopt work already running on GPU 3",
-        ], [
-            *request_options("reserve"),
-            opt("-d", "--duration", type=arg_type("duration", "duration"), metavar="D",
-                help=f"how long (default {default_of('reserve.duration')}; 30m, 0.5h, 2d, 1h30m)"),
-            switch("-f", "--force", help="also take GPUs in use without a reservation"),
-            switch("-s", "--short", help="print only the ids, e.g. 1,3"),
-        ]),
-        ("release", cmd_release, "release your reservations", [
-            "canhazgpu release              # all your manual reservations",
-            "canhazgpu release --gpu-ids 1,3",
-        ], [
-            opt("-G", "--gpu-ids", type=gpu_ids, metavar="IDS",
-                help="release these GPUs (yours, run or manual)"),
-        ]),
-        ("report", cmd_report, "GPU hours per user", [
-            "canhazgpu report",
-            "canhazgpu report --days 7 --json",
-        ], [
-            opt("-d", "--days", type=arg_type("days", "days"), metavar="N",
-                help=f"days to cover, 1-{HISTORY_DAYS} (default {default_of('report.days')})"),
-            JSON_OPTION,
-        ]),
-        ("queue", cmd_queue, "show who is waiting for GPUs, in order", [
-            "canhazgpu queue",
-            "canhazgpu queue --json",
-        ], [JSON_OPTION]),
-        ("web", cmd_web, "serve the dashboard, a JSON API and Prometheus metrics", [
-            "canhazgpu web --port 8080",
-            "canhazgpu web --demo   # sample data, no Redis",
-        ], [
-            opt("--host", metavar="HOST",
-                help=f"address to listen on (default {default_of('web.host')})"),
-            opt("-p", "--port", type=arg_type("port", "port"), metavar="N",
-                help=f"port (default {default_of('web.port')})"),
-            switch("--demo", help="serve sample data without Redis"),
-        ]),
-    ]  # fmt: skip
-
-
-def add_options(target, options, default=None):
-    """Add parser-table options to a parser, group or exclusive group."""
-    for option in options:
-        if isinstance(option, OneOf):
-            add_options(target.add_mutually_exclusive_group(), option, default)
-            continue
-        flags, kwargs = option
-        target.add_argument(*flags, **(dict(kwargs, default=default) if default else kwargs))
-
-
-COMMANDS = {}
-
-
-def build_parser():
-    parser = Parser(
-        prog=PROG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Reserve GPUs on a shared machine, run commands on them, "
-        "and see who holds what.",
-        epilog=examples(
-            "canhazgpu admin --gpus 8            # once, as the admin",
-            "canhazgpu status                    # who holds what",
-            "canhazgpu run --gpus 2 -- python train.py",
-            "canhazgpu reserve --gpus 1 --duration 4h",
-            "canhazgpu release",
-            "canhazgpu report --days 7",
-        )
-        + "\n\nEach command has its own --help.  Configuration: CANHAZGPU_* variables,\n"
-        "~/.canhazgpu.{yaml,json,toml}, /etc/canhazgpu/config.{toml,json,yaml}.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    add_options(parser.add_argument_group("global options"), global_options())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for name, func, help, lines, options in command_table():
-        p = sub.add_parser(
-            name,
-            help=help,
-            description=help,
-            epilog=examples(*lines),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        # SUPPRESS: a global option given before the command is not reset by this parser.
-        add_options(p.add_argument_group("global options"), global_options(), argparse.SUPPRESS)
-        add_options(p, options)
-        COMMANDS[name] = func
-    run = sub.choices["run"]
-    run.usage = run.format_usage()[len("usage: ") :].rstrip() + " -- COMMAND [ARG ...]"
-    return parser
-
-
-class App:
-    """One invocation: its arguments, its configuration, and lazily its Redis."""
-
-    NEEDS_PROVIDER = ("status", "run", "reserve")
-
-    def __init__(self, args):
-        self.args = args
-        self.config = Config.load(args.config, flags=self.flags(args))
-        self._store = self._pool = None
-        self._early = None
-        if args.command in self.NEEDS_PROVIDER:
-            # Guess the provider and start its queries now, before Redis is even
-            # imported: most of nvidia-smi's latency hides behind our start-up.
-            guess = next((p for p in (NvidiaProvider, AmdProvider) if p.installed()), None)
-            if guess is not None:
-                self._early = guess()
-                self._early.start()
-
-    @staticmethod
-    def flags(args):
-        """{config key: (value, '--flag')} for the settings given on the command line:
-        the global options, and `<command>.<option>` for a command's own (run.timeout)."""
-        flags = {}
-        for dest, value in vars(args).items():
-            flag = dest.replace("_", "-")
-            key = GLOBAL_OPTIONS.get(flag) or f"{args.command}.{dest}"
-            if value is not None and key in SETTINGS:
-                flags[key] = (value, "--" + flag)
-        return flags
-
-    def store(self):
-        if self._store is None:
-            self._store = Store(self.config)
-        return self._store
-
-    def pool(self):
-        if self._pool is None:
-            self._pool = Pool(self.store(), self.config, self._early)
-        return self._pool
-
-    def close(self):
-        if self._pool is not None:
-            self._pool.close()
-        elif self._early is not None:
-            self._early.discard()
-
-
-def split_command(argv):
-    """`run [options] -- CMD...` -> (options, CMD); CMD is None without `--`."""
-    if "--" in argv:
-        k = argv.index("--")
-        return argv[:k], argv[k + 1 :]
-    return argv, None
-
-
-PASSWORDS = (
-    re.compile(rb"(://[^:@/]*:)(.*)(@)", re.S),  # the userinfo's, up to the last '@'
-    re.compile(rb"([?&]password=)([^&#]*)()", re.I),
-)
-
-
-def hide_passwords_from_ps():
-    """A password given on the command line (--redis-url redis://:pw@...) shows in
-    every user's `ps` for as long as we run, and a `run` lasts hours: overwrite it
-    with asterisks in our own argv, which is what /proc/PID/cmdline reads."""
-    if not any(p.search(os.fsencode(a)) for a in sys.argv for p in PASSWORDS):
-        return
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (proc(5))
-        with open("/proc/self/mem", "r+b", buffering=0) as mem:
-            mem.seek(start)
-            args = mem.read(end - start)
-            for p in PASSWORDS:
-                args = p.sub(lambda m: m[1] + b"*" * len(m[2]) + m[3], args)
-            mem.seek(start)
-            mem.write(args)
-    except (OSError, ValueError, IndexError):  # not Linux, or /proc not mounted
-        pass
-
-
-def main(argv=None):
-    quiet_interrupts()  # the console scripts of `pip install` start here
-    if argv is None:
-        hide_passwords_from_ps()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    options, command = split_command(argv)
-    args = parser.parse_args(options)
-    args.argv = command
-    if args.command is None:
-        parser.print_help()
-        return 0
-    if args.command != "run" and command is not None:
-        parser.error(f"unexpected arguments after --: {' '.join(command)}")
-    app = None
-    try:
-        app = App(args)
-        return COMMANDS[args.command](app)
-    except CanhazError as e:
-        report_error(e, args)
-        code = e.code
-        return 125 if args.command == "run" and code == 1 else code
-    except Interrupted as e:
-        if app is not None:
-            app.close()
-        die_of(e.signum)
-    finally:
-        if app is not None:
-            app.close()
-
-
-def report_error(error, args):
-    if getattr(args, "debug", False):
-        import traceback
-
-        traceback.print_exc()
-    tell(f"Error: {error}")
-    if error.hint:
-        tell(f"Hint: {error.hint}")
 
 
 if __name__ == "__main__":

@@ -48,9 +48,11 @@ EXITS = {
 # CPython's own start-up traceback.
 PROBE = r"""#!/bin/sh
 log=$1
-note() {
+note() {  # `date` may die of a signal sent to the group: ask again
+    t=
+    while [ -z "$t" ]; do t=$(date +%s.%N); done
     printf '{"kind": "%s", "pid": %s, "run": %s, "t": %s, "gpus": "%s"}\n' \
-        "$1" $$ $PPID "$(date +%s.%N)" "$CUDA_VISIBLE_DEVICES" >> "$log"
+        "$1" $$ $PPID "$t" "$CUDA_VISIBLE_DEVICES" >> "$log"
 }
 trap 'note end; trap - TERM; kill -TERM $$' TERM
 trap 'note end; trap - INT; kill -INT $$' INT
@@ -82,6 +84,7 @@ class Chaos:
         self.releases = []  # (began, finished) of each `release` (of all manual ones)
         self.stop = threading.Event()
         self.stderr = {}  # pid -> what that canhazgpu process said
+        self.exited = {}  # pid -> when it had exited
         self.outage = None  # (down, up) of the Redis restart
 
     def fail(self, message):
@@ -110,6 +113,7 @@ class Chaos:
                 self.live.pop(proc.pid, None)
         self.results.append((args[0], args, proc.returncode, err))
         self.stderr[proc.pid] = err
+        self.exited[proc.pid] = time.time()
         return proc.returncode, out
 
     def worker(self, rng):
@@ -171,11 +175,15 @@ class Chaos:
         """{gpu: [(start, end, who)]} of every probe and manual reservation."""
         starts, ends = {}, {}
         for line in self.log.read_text().splitlines() if self.log.exists() else ():
-            event = json.loads(line)
+            try:
+                event = json.loads(line)
+            except ValueError:  # cut short by a kill: a start not logged, or an end
+                continue
             (starts if event["kind"] == "start" else ends).setdefault(event["pid"], event)
         by_gpu = {g: [] for g in range(GPUS)}
         for pid, start in starts.items():
-            end = ends.get(pid, {"t": float("inf")})["t"]
+            # No end logged: it lasted until its run exited at the latest.
+            end = ends.get(pid, {"t": self.exited.get(start["run"], float("inf"))})["t"]
             for gpu in start["gpus"].split(","):
                 by_gpu[int(gpu)].append((start["t"], end, ("run", start["run"])))
         for gpu, asked, start, end in self.manual:

@@ -311,3 +311,19 @@ def child_pid(pid):
 
 if sys.platform != "linux":  # /proc is needed above
     pytestmark = pytest.mark.skip("Linux only")
+
+
+# --------------------------------------------------------------------------- settings' sources
+
+
+def test_a_count_from_a_file_does_not_fight_gpu_ids_on_the_command_line(cli, pool):
+    """With run.gpus = 4 in a file, `run --gpu-ids 1,3` failed: "--gpus 4 does not match"."""
+    home = Path(cli.env["HOME"])
+    (home / ".canhazgpu.json").write_text(json.dumps({"run": {"gpus": 4}}))
+    p = cli("run", "--gpu-ids", "1,3", "--", "sh", "-c", "echo $CUDA_VISIBLE_DEVICES", check=True)
+    assert p.stdout == "1,3\n"
+    p = cli("run", "--gpus", 4, "--gpu-ids", "1,3", "--", "true")
+    assert p.returncode == 2 and "--gpus 4 does not match the 2 GPU(s) of --gpu-ids" in p.stderr
+    assert cli("run", "--", "sh", "-c", "echo $CUDA_VISIBLE_DEVICES", check=True).stdout == (
+        "0,1,2,3\n"
+    )  # the file's count applies when nothing else is said
