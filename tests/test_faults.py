@@ -1,6 +1,7 @@
 """Redis faults, each a test: unreachable at start, killed while `run` runs, a server
 that accepts connections and never answers, and a restart while a waiter waits."""
 
+import contextlib
 import json
 import subprocess
 import time
@@ -87,14 +88,24 @@ def test_redis_killed_while_run_runs_and_gone_at_its_end(cli, pool, r, redis_ser
     assert "Traceback" not in err
 
 
-def test_a_waiter_keeps_its_place_over_a_redis_restart_and_is_served(cli, pool, r, redis_server):
-    cli("reserve", "-G", 0, check=True)
+@contextlib.contextmanager
+def waiting_for(cli, r, gpu):
+    """GPU `gpu` held, and a `reserve` waiting for it: (the waiter, its queue entry)."""
+    cli("reserve", "-G", gpu, check=True)
     waiter = cli.popen(
-        "reserve", "-G", 0, "--short", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        "reserve", "-G", gpu, "--short", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         wait_for(lambda: r.zcard(KEY + "queue") == 1, what="the waiter's entry")
-        [entry] = r.zrange(KEY + "queue", 0, -1)
+        yield waiter, r.zrange(KEY + "queue", 0, -1)[0]
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+
+
+def test_a_waiter_keeps_its_place_over_a_redis_restart_and_is_served(cli, pool, r, redis_server):
+    with waiting_for(cli, r, 0) as (waiter, entry):
         r.save()
         try:
             redis_server.restart()
@@ -106,9 +117,6 @@ def test_a_waiter_keeps_its_place_over_a_redis_restart_and_is_served(cli, pool, 
         cli("release", "-G", 0, check=True)
         out, err = waiter.communicate(timeout=30)
         served_after = time.monotonic() - released
-    finally:
-        if waiter.poll() is None:
-            waiter.kill()
     assert waiter.returncode == 0 and out == "0\n", err
     assert served_after < 10, served_after
     assert json.loads(client.get(KEY + "gpu:0"))["type"] == "manual"
@@ -118,19 +126,10 @@ def test_a_waiter_keeps_its_place_over_a_redis_restart_and_is_served(cli, pool, 
 
 def test_a_waiter_whose_entry_was_lost_queues_again_and_is_served(cli, pool, r, redis_server):
     """Redis restarted without the queue (a replica promoted, a flush): queue again."""
-    cli("reserve", "-G", 1, check=True)
-    waiter = cli.popen(
-        "reserve", "-G", 1, "--short", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        wait_for(lambda: r.zcard(KEY + "queue") == 1, what="the waiter's entry")
-        [entry] = r.zrange(KEY + "queue", 0, -1)
+    with waiting_for(cli, r, 1) as (waiter, entry):
         r.delete(KEY + "queue", KEY + "queue:entry:" + entry)
         wait_for(lambda: r.zrange(KEY + "queue", 0, -1) not in ([], [entry]), 15, "a new entry")
         cli("release", "-G", 1, check=True)
         out, err = waiter.communicate(timeout=30)
-    finally:
-        if waiter.poll() is None:
-            waiter.kill()
     assert waiter.returncode == 0 and out == "1\n", err
     assert "queueing again" in err
