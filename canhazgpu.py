@@ -3681,7 +3681,7 @@ def plain_text(what):
     def convert(text):
         if CONTROL.search(text):
             raise argparse.ArgumentTypeError(
-                f"the {what} must not contain control characters, got {printable(text)!r}"
+                f"the {what} must not contain control characters, got '{printable(text)}'"
             )
         if not text.strip():
             raise argparse.ArgumentTypeError(f"the {what} must not be empty")
