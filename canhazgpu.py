@@ -460,10 +460,6 @@ class Config:
     def source(self, key):
         return self.sources[key]
 
-    def given(self, key):
-        """Whether anything but the built-in default set `key`."""
-        return self.sources[key] != BUILT_IN
-
     def redis_address(self):
         address = RedisAddress()
         for layer in self.layers[1:]:
