@@ -421,10 +421,10 @@ class RedisAddress:
 
     def url(self):
         """The URL for redis-py, its userinfo percent-encoded (redis-py decodes it)."""
-        from urllib.parse import quote
-
         auth = ""
         if self.userinfo:
+            from urllib.parse import quote  # only for an address with a password
+
             user, colon, password = self.userinfo.partition(":")
             safe = "%!$&'()*+,;=-._~"
             auth = quote(user, safe=safe) + colon + quote(password, safe=safe) + "@"
@@ -1698,8 +1698,9 @@ class Request:
         }
 
 
-def incomplete(provider):
-    return f"GPU validation is incomplete ({provider.problem}); going on with what answered"
+def incomplete(problem):
+    """The warning for a provider answer that lacks a part (`Provider.problem`)."""
+    return f"GPU validation is incomplete ({problem}); going on with what answered"
 
 
 def not_initialised():
@@ -1761,7 +1762,7 @@ class Pool:
             self.warn_once(f"cannot validate GPU usage ({e}); allocating on reservations alone")
             return []
         if provider.problem:
-            self.warn_once(incomplete(provider))
+            self.warn_once(incomplete(provider.problem))
         return sorted(i for i, g in usage.items() if g.in_use(self.config["memory.threshold"]))
 
     def warn_once(self, message):
@@ -2746,7 +2747,7 @@ def cmd_status(app):
         usage = provider.usage()
         inspect_processes(usage)
         if provider.problem:
-            warn(incomplete(provider))
+            warn(incomplete(provider.problem))
     except ProviderError as e:
         warn(f"cannot validate GPU usage: {e}")
         usage = None
@@ -3243,7 +3244,7 @@ class UsageCache:
                     self.usage, error = None, str(e)
                 news = f"cannot validate GPU usage: {error}" if error else None
                 if problem:
-                    news = f"GPU validation is incomplete ({problem}); going on with what answered"
+                    news = incomplete(problem)
                 if news != self.news:  # say it when it starts or changes, not every window
                     warn(news or "GPU validation is back")
                 self.error, self.news = error, news
