@@ -151,6 +151,12 @@ def format_duration(seconds):
     return f"{seconds // 3600}h {seconds % 3600 // 60}m {seconds % 60}s"
 
 
+def format_hm(seconds):
+    """Seconds -> '1h 5m': an idle time, to the minute."""
+    minutes = max(0, int(seconds)) // 60
+    return f"{minutes // 60}h {minutes % 60}m"
+
+
 def format_span(seconds):
     """A compact human duration for requests and waits: '8h', '1h30m', '45s'."""
     seconds = int(round(seconds))
@@ -213,6 +219,7 @@ def rfc3339(t):
 
 
 HISTORY_DAYS = 90  # usage records are kept this long; reports reach this far back
+PRIORITIES = ("high", "normal", "low")  # queue classes: waiters are served class by class
 
 # Every setting: config key -> (kind, built-in default, environment variable).  The
 # defaults live here alone: help texts and `Config` take them from this table.
@@ -221,18 +228,32 @@ SETTINGS = {
     "redis.host": ("str", "localhost", "CANHAZGPU_REDIS_HOST"),
     "redis.port": ("port", 6379, "CANHAZGPU_REDIS_PORT"),
     "redis.db": ("count0", 0, "CANHAZGPU_REDIS_DB"),
+    "redis.sentinels": ("hostports", None, "CANHAZGPU_REDIS_SENTINELS"),
+    "redis.master_name": ("str", "canhazgpu", "CANHAZGPU_REDIS_MASTER_NAME"),
+    "redis.sentinel_password": ("str", None, "CANHAZGPU_REDIS_SENTINEL_PASSWORD"),
+    "redis.cluster": ("bool", False, "CANHAZGPU_REDIS_CLUSTER"),
+    "redis.wait_replicas": ("count0", 1, None),
+    "redis.wait_timeout": ("count0", 100, None),  # milliseconds, as WAIT takes them
+    "redis.failover_timeout": ("duration", 30.0, None),
+    "pool.name": ("pool", None, "CANHAZGPU_POOL"),
+    "remote_hosts": ("list", None, "CANHAZGPU_REMOTE_HOSTS"),
     "memory.threshold": ("count0", 1024, "CANHAZGPU_MEMORY_THRESHOLD"),
     "heartbeat.interval": ("duration", 60.0, "CANHAZGPU_HEARTBEAT_INTERVAL"),
     "heartbeat.timeout": ("duration", 900.0, "CANHAZGPU_HEARTBEAT_TIMEOUT"),
     "queue.heartbeat_timeout": ("duration", 120.0, "CANHAZGPU_QUEUE_HEARTBEAT_TIMEOUT"),
+    "idle.after": ("duration", 1800.0, "CANHAZGPU_IDLE_AFTER"),
+    "idle.reclaim_after": ("duration", None, "CANHAZGPU_IDLE_RECLAIM_AFTER"),
+    "idle.sample_interval": ("duration", 300.0, "CANHAZGPU_IDLE_SAMPLE_INTERVAL"),
     "run.gpus": ("count", 1, None),
     "run.timeout": ("duration", None, None),
     "run.signal": ("signal", int(signal.SIGINT), None),
     "run.kill_after": ("duration", 30.0, None),
     "run.wait": ("duration", None, None),
+    "run.priority": ("priority", "normal", None),
     "reserve.gpus": ("count", 1, None),
     "reserve.duration": ("duration", 8 * 3600.0, None),
     "reserve.wait": ("duration", None, None),
+    "reserve.priority": ("priority", "normal", None),
     "report.days": ("days", 30, None),
     "web.host": ("str", "0.0.0.0", None),
     "web.port": ("port", 8080, None),
@@ -245,6 +266,7 @@ GLOBAL_OPTIONS = {
     "redis-port": "redis.port",
     "redis-db": "redis.db",
     "memory-threshold": "memory.threshold",
+    "pool": "pool.name",
 }
 ADDRESS_KEYS = ("redis.url", "redis.host", "redis.port", "redis.db")
 BUILT_IN = "the built-in default"
@@ -258,12 +280,8 @@ SYSTEM_CONFIGS = (
 
 def convert_setting(kind, value):
     """Convert a raw setting (from a file, the environment or a flag) or raise ValueError."""
-    if kind == "duration":
-        if not isinstance(value, str):  # a bare number in a file has no unit
-            raise ValueError(f"expected a duration like 30s, 15m, 2h or 1d, got {value!r}")
-        return parse_duration(value)
-    if kind == "signal":
-        return parse_signal(str(value))
+    if kind in CONVERTERS:
+        return CONVERTERS[kind](value)
     if kind in ("str", "url"):
         if not isinstance(value, str) or not value.strip():
             raise ValueError("expected a non-empty string")
@@ -282,6 +300,82 @@ def convert_setting(kind, value):
     if not low <= number <= high:
         raise ValueError(f"expected a whole number from {low} to {high}")
     return number
+
+
+def duration_setting(value):
+    if not isinstance(value, str):  # a bare number in a file has no unit
+        raise ValueError(f"expected a duration like 30s, 15m, 2h or 1d, got {value!r}")
+    return parse_duration(value)
+
+
+POOL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def pool_setting(value):
+    """A pool's name; `auto` is this host's short name (one config file for a fleet)."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a pool name, got {value!r}")
+    name = value.strip()
+    if name == "auto":
+        name = os.uname().nodename.split(".")[0]
+    if not POOL_NAME.fullmatch(name):
+        raise ValueError(
+            f"a pool name is 1-64 letters, digits, '.', '_' or '-' (or auto), got {value!r}"
+        )
+    return name
+
+
+def bool_setting(value):
+    words = {"1": True, "true": True, "yes": True, "on": True}
+    words.update({"0": False, "false": False, "no": False, "off": False})
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def list_setting(value):
+    """A list in a file, or comma-separated in the environment: non-empty strings."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise ValueError(f"expected a list of names, got {value!r}")
+    items = [x.strip() for x in items if x.strip()]
+    if not items:
+        raise ValueError("expected at least one name")
+    bad = [x for x in items if CONTROL.search(x) or x.startswith("-") or re.search(r"\s", x)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a host name")
+    return items
+
+
+def hostports_setting(value):
+    """Sentinels: 'host:port' each (port 26379 if left out), IPv6 as [::1]:26379."""
+    out = []
+    for item in list_setting(value):
+        m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", item)
+        if not m:
+            raise ValueError(f"expected host:port, got {item!r}")
+        host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        out.append((host, convert_setting("port", port) if port else 26379))
+    return out
+
+
+def priority_setting(value):
+    if not isinstance(value, str) or value.strip().lower() not in PRIORITIES:
+        raise ValueError(f"expected one of {', '.join(PRIORITIES)}, got {value!r}")
+    return value.strip().lower()
+
+
+CONVERTERS = {
+    "duration": duration_setting,
+    "signal": lambda value: parse_signal(str(value)),
+    "pool": pool_setting,
+    "bool": bool_setting,
+    "list": list_setting,
+    "hostports": hostports_setting,
+    "priority": priority_setting,
+}
 
 
 def parse_int(text):
@@ -460,6 +554,15 @@ class Config:
     def source(self, key):
         return self.sources[key]
 
+    def file_value(self, key):
+        """A setting as the config files (or the built-in default) have it, before the
+        environment and the command line: what the host's admin set."""
+        value = None
+        for layer in self.layers[:-2]:
+            if key in layer:
+                value = layer[key][0]
+        return value
+
     def redis_address(self):
         address = RedisAddress()
         for layer in self.layers[1:]:
@@ -525,35 +628,57 @@ class Config:
 # Redis state and Lua scripts
 # ============================================================================
 #
-# Keys (shared with the Go implementation; the README's "Redis data" lists them all):
-#   canhazgpu:gpu_count, canhazgpu:provider, canhazgpu:gpu:{id} (JSON),
-#   canhazgpu:usage_history_sorted (zset of JSON records scored by end time),
-#   canhazgpu:queue (zset of entry ids scored by enqueue time in ns),
-#   canhazgpu:queue:entry:{id} (JSON).
-# Ours alone: canhazgpu:events, a pub/sub channel that wakes waiters on release.
+# Keys of a pool (shared with the Go implementation; the README's "Redis data" lists
+# them all), under the pool's prefix: `canhazgpu:` for the unnamed pool, the Go layout,
+# or `canhazgpu:{NAME}:` for a named one (the braces are a Redis Cluster hash tag, so
+# every key of a pool lives in one slot and a script may touch them all):
+#   gpu_count, provider, gpu:{id} (JSON), usage_history_sorted (zset of JSON records
+#   scored by end time), queue (zset of entry ids scored by enqueue time in ns),
+#   queue:entry:{id} (JSON).
+# Ours alone: events (pub/sub: wakes waiters), usage (the host's last provider answer,
+# 60 s), limits (hash: limits, priority classes, idle policy), notices (reclaims not yet
+# shown), usage_day:{YYYY-MM-DD} and usage_folded (per-day roll-ups of the records for
+# reports), legacy_migrated.  Fleet-wide: canhazgpu:pools, the registry of named pools.
 
 KEY = "canhazgpu:"
-EVENTS = KEY + "events"
+REGISTRY = KEY + "pools"
+USAGE_TTL = 60  # seconds a published provider answer stays
+REGISTRY_EVERY = 60  # seconds between refreshes of a pool's registry entry
+CLASS_OFFSET_NS = 10**17  # ~3 years: a queue class always sorts before the next
+
+
+def pool_prefix(name):
+    """The key prefix of a pool: the Go layout for the unnamed pool."""
+    return f"{KEY}{{{name}}}:" if name else KEY
+
 
 # Every script is LUA_LIB followed by its own body, with this contract:
-#   KEYS:    none: every key is named from the prefix canhazgpu: (one pool, one node).
+#   KEYS:    KEYS[1] is the pool's key prefix (canhazgpu: or canhazgpu:{NAME}:), declared
+#            as a key so that Redis Cluster runs the script on the node of the pool's
+#            slot; every key the script touches is named from it.
 #   ARGV[1]: A, one JSON object.  Store.script() always sets
 #            now (Unix s), heartbeat {interval, timeout} (put on the runs this script
 #            grants), queue_timeout (put on the entries it queues), history_days,
-#            defaults {heartbeat_timeout, queue_timeout} (for records that state none);
-#            each script's own fields are listed at its top.
+#            defaults {heartbeat_timeout, queue_timeout} (for records that state none),
+#            idle_after (s: idle spans longer than this add up on a reservation);
+#            optional everywhere: active (ids the hardware shows in use now) and
+#            observed (the caller just asked this pool's own hardware: only then may
+#            an idle reservation be reclaimed); each script's own fields are listed
+#            at its top.
 #   reply:   a JSON string made by enc(), unless the script says otherwise.
 #   errors:  BADKEY <key> ... when one of the pool's keys holds another Redis type;
 #            nothing is changed then.
 # Lua's cjson writes at most 14 significant digits and turns [] into {}, which would
 # break Go readers of nanosecond fields and lists, so the scripts encode with enc().
 LUA_LIB = r"""
-local P = 'canhazgpu:'
+local P = KEYS[1]
 local unpack = unpack or table.unpack
 local A = cjson.decode(ARGV[1])
 local NOW = tonumber(A.now)
 local ARRAYS = {allocated_gpus = true, requested_ids = true, gpus = true, lost = true,
-  have = true, released = true, results = true, reasons = true}
+  have = true, released = true, results = true, reasons = true, groups = true,
+  reclaimed = true, sums = true, long = true, records = true}
+local CLASS = {low = 1, normal = 2, high = 3}
 
 local function enc(v, key)
   local t = type(v)
@@ -591,6 +716,21 @@ local function days_from_civil(y, m, d)
   return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
 end
 
+-- Days since 1970-01-01 -> 'YYYY-MM-DD', the inverse of days_from_civil.
+local function day_name(days)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  return string.format('%04d-%02d-%02d', y, m, d)
+end
+
 -- Unix number (bare or quoted) or RFC 3339 string with any offset -> seconds.
 local function ts(v)
   if type(v) == 'number' then return v end
@@ -613,7 +753,7 @@ end
 -- The pool's own keys of another type (a hash for the queue) would fail the script
 -- half-way with a bare WRONGTYPE: say which key, and touch nothing.
 for key, want in pairs({queue = 'zset', usage_history_sorted = 'zset', gpu_count = 'string',
-    provider = 'string'}) do
+    provider = 'string', limits = 'hash', notices = 'list'}) do
   local kind = redis.call('TYPE', P .. key).ok
   if kind ~= 'none' and kind ~= want then
     return redis.error_reply('BADKEY ' .. P .. key .. ' is a Redis ' .. kind .. ', not a ' .. want)
@@ -658,17 +798,64 @@ local function put(i, st)
   redis.call('SET', P .. 'gpu:' .. i, RAW[i])
 end
 
--- End whatever holds GPU i, leaving a usage record.
-local function free(i)
+-- Idle time runs from when a held GPU last showed use, or from its start.
+local function busy_since(st)
+  return math.max(ts(st.last_active) or 0, ts(st.start_time) or NOW)
+end
+
+-- An idle span longer than idle_after counts whole on the reservation, for reports.
+local function idle_gap(st)
+  local gap = NOW - busy_since(st)
+  if gap > (tonumber(A.idle_after) or math.huge) then return gap end
+  return 0
+end
+
+-- Per-day roll-ups of the usage records, for reports that never read every record:
+-- usage_day:{day of the record's end} holds s<who> (seconds), n<who> (count) and
+-- i<who> (idle seconds), who = JSON [type, account, user], for records that began and
+-- ended that day; a record that spans midnight (or is odd) is kept whole as a field
+-- L<record>, for the report to clip to its window.
+local function fold_record(raw, score)
+  local r = decode(raw)
+  if not r or not str(r.user) then return end
+  local day = math.floor(score / 86400)
+  local key = P .. 'usage_day:' .. day_name(day)
+  local start, stop = ts(r.start_time), ts(r.end_time)
+  if not start or not stop or math.floor(stop) ~= math.floor(score) or start < day * 86400
+      or stop < start then
+    redis.call('HSET', key, 'L' .. raw, 1)
+  else
+    local kind = r.reservation_type == 'manual' and 'manual' or 'run'
+    local who = cjson.encode({kind, str(r.actual_user) and r.actual_user or r.user, r.user})
+    redis.call('HINCRBYFLOAT', key, 's' .. who, stop - start)
+    redis.call('HINCRBY', key, 'n' .. who, 1)
+    local idle = math.min(tonumber(r.idle_seconds) or 0, stop - start)
+    if idle > 0 then redis.call('HINCRBYFLOAT', key, 'i' .. who, idle) end
+  end
+  redis.call('EXPIREAT', key, (day + 1 + A.history_days) * 86400)
+end
+
+local function folded_upto()
+  return tonumber(redis.call('GET', P .. 'usage_folded') or '')
+end
+
+-- End whatever holds GPU i, leaving a usage record saying why (release, exit,
+-- expired, idle, admin, cancel).
+local function free(i, reason)
   local st = S[i]
   if held(st) then
     local start = ts(st.start_time) or NOW
+    local rec = {user = st.user, actual_user = st.actual_user, gpu_id = i, start_time = start,
+      end_time = NOW, duration_seconds = math.max(0, NOW - start),
+      reservation_type = str(st.type) and st.type or 'run', end_reason = reason}
+    local idle = (tonumber(st.idle_seconds) or 0) + idle_gap(st)
+    if idle > 0 then rec.idle_seconds = math.min(idle, rec.duration_seconds) end
     -- Scored in whole seconds, as the Go tool reads up to the current whole second;
     -- the record keeps the exact times.
-    redis.call('ZADD', P .. 'usage_history_sorted', math.floor(NOW), enc({
-      user = st.user, actual_user = st.actual_user, gpu_id = i, start_time = start,
-      end_time = NOW, duration_seconds = math.max(0, NOW - start),
-      reservation_type = str(st.type) and st.type or 'run'}))
+    local raw, score = enc(rec), math.floor(NOW)
+    redis.call('ZADD', P .. 'usage_history_sorted', score, raw)
+    local upto = folded_upto()
+    if upto and score <= upto then fold_record(raw, score) end  -- a clock behind the rest
   end
   put(i, {last_released = NOW})
   FREED = true
@@ -685,21 +872,23 @@ local function remove_entry(qid)
 end
 
 -- A dead or cancelled entry: gone, and the GPUs it had gathered freed.
-local function drop_entry(qid)
+local function drop_entry(qid, reason)
   remove_entry(qid)
   for i = 0, N - 1 do
-    if partial_of(S[i]) == qid then free(i) end
+    if partial_of(S[i]) == qid then free(i, reason or 'cancel') end
   end
   FREED = true
 end
 
 local function load_queue()
-  for _, qid in ipairs(redis.call('ZRANGE', P .. 'queue', 0, -1)) do
+  local flat = redis.call('ZRANGE', P .. 'queue', 0, -1, 'WITHSCORES')
+  for k = 1, #flat, 2 do
+    local qid = flat[k]
     local raw = redis.pcall('GET', P .. 'queue:entry:' .. qid)  -- a wrong type: a dead entry
     local e = type(raw) == 'string' and decode(raw) or nil
     local hb = e and (ts(e.last_heartbeat) or ts(e.enqueue_time))
     if hb and NOW - hb <= (tonumber(e.heartbeat_timeout) or A.defaults.queue_timeout) then
-      Q[#Q + 1] = {qid = qid, e = e}
+      Q[#Q + 1] = {qid = qid, e = e, score = tonumber(flat[k + 1])}
       LIVE[qid] = e
     else
       drop_entry(qid)
@@ -707,11 +896,92 @@ local function load_queue()
   end
 end
 
+-- The hardware shows these GPUs in use now: note it on their holders, closing any
+-- idle span (a waiter's gathered GPUs are not in anyone's use yet).
+local function observe()
+  for _, i in ipairs(A.active or {}) do
+    local st = S[i]
+    if held(st) and not partial_of(st) then
+      local gap = idle_gap(st)
+      if gap > 0 then st.idle_seconds = (tonumber(st.idle_seconds) or 0) + gap end
+      st.last_active = NOW
+      put(i, st)
+    end
+  end
+end
+
+-- Limits and priority classes set with `admin`: field default, user:NAME or group:NAME
+-- -> JSON {max_gpus, max_duration, priority} (false: no limit), and the pool's policy
+-- {idle_reclaim_after}.  A user's own value wins over its groups' (the most generous
+-- of them), which win over the default.
+local RULES
+local function rules()
+  if not RULES then
+    RULES = {}
+    local flat = redis.call('HGETALL', P .. 'limits')
+    for k = 1, #flat, 2 do RULES[flat[k]] = decode(flat[k + 1]) or {} end
+  end
+  return RULES
+end
+
+local function more_generous(key, a, b)
+  if key == 'priority' then return (CLASS[a] or 0) > (CLASS[b] or 0) end
+  if a == false or b == false then return a == false end
+  return (tonumber(a) or 0) > (tonumber(b) or 0)
+end
+
+-- who: {actual_user, groups}.  The value that applies, nil or false when none does.
+local function rule(who, key)
+  local own = rules()['user:' .. tostring(who.actual_user)]
+  if own and own[key] ~= nil then return own[key] end
+  local best
+  for _, g in ipairs(type(who.groups) == 'table' and who.groups or {}) do
+    local r = rules()['group:' .. tostring(g)]
+    if r and r[key] ~= nil and (best == nil or more_generous(key, r[key], best)) then
+      best = r[key]
+    end
+  end
+  if best ~= nil then return best end
+  return (rules()['default'] or {})[key]
+end
+
+-- GPUs an account holds: its reservations and what its waiters have gathered.
+local function holdings(account)
+  local n = 0
+  for i = 0, N - 1 do if held(S[i]) and owner(S[i]) == account then n = n + 1 end end
+  return n
+end
+
+-- Whether `who` may hold `more` GPUs beyond what it holds now.
+local function fits(who, more)
+  local cap = tonumber(rule(who, 'max_gpus'))
+  return not cap or holdings(who.actual_user) + more <= cap, cap
+end
+
+-- A manual reservation idle this long is ended, if the admin set a policy and the
+-- caller has just seen the hardware (a stale view must never end a busy one).
+local function reclaim_after()
+  if not A.observed then return nil end
+  local policy = rules()['policy'] or {}
+  return tonumber(policy.idle_reclaim_after)
+end
+
+local function reclaim(i, st)
+  local idle = NOW - busy_since(st)
+  free(i, 'idle')
+  redis.call('LPUSH', P .. 'notices', enc({gpu = i, user = st.user,
+    actual_user = owner(st), idle = idle, time = NOW}))
+  redis.call('LTRIM', P .. 'notices', 0, 99)
+  redis.call('EXPIRE', P .. 'notices', 86400)
+end
+
 -- Expired reservations end here, in every script that reads the pool: each run by
 -- the heartbeat timeout it was made under (stored on it; the built-in default for a
 -- record without one, as the Go tool writes), never by the caller's own setting,
--- which would let one user's short timeout end another user's live run.
+-- which would let one user's short timeout end another user's live run.  A run is
+-- never reclaimed for idleness: its command lives.
 local function expire_pool()
+  local idle_limit = reclaim_after()
   for i = 0, N - 1 do
     local st = S[i]
     if held(st) then
@@ -722,12 +992,15 @@ local function expire_pool()
       elseif st.type == 'manual' then
         local e = ts(st.expiry_time)
         dead = e ~= nil and e <= NOW
+        if not dead and idle_limit and NOW - busy_since(st) >= idle_limit then
+          reclaim(i, st)
+        end
       else
         local hb = ts(st.last_heartbeat) or ts(st.start_time)
         local limit = tonumber(st.heartbeat_timeout) or A.defaults.heartbeat_timeout
         dead = hb ~= nil and NOW - hb > limit
       end
-      if dead then free(i) end
+      if dead then free(i, 'expired') end
     end
   end
 end
@@ -741,7 +1014,16 @@ end
 local function settle()
   load_pool()
   load_queue()
+  observe()
   expire_pool()
+end
+
+-- The host's provider answer, for viewers on other hosts (A.publish, a JSON string);
+-- true when the fleet registry is due for a refresh (at most once a minute).
+local function publish()
+  if not A.publish then return false end
+  redis.call('SET', P .. 'usage', A.publish, 'EX', A.usage_ttl)
+  return redis.call('SET', P .. 'registered', NOW, 'NX', 'EX', A.registry_every) ~= false
 end
 
 local function finish()
@@ -754,16 +1036,25 @@ end
 """
 
 # snapshot: status, queue, report and web.  Ends what has expired, then returns the pool.
-#   A:     nothing of its own.
+#   A:     publish? (this host's provider answer, JSON), notices? (take the reclaim
+#          notices not yet shown).
 #   reply: a Redis array (not JSON): {gpu_count, provider or false, {state JSON or false
-#          for each GPU}, {entry JSON for each live queue entry, in order}}.
+#          for each GPU}, {entry JSON for each live queue entry, in order}, the published
+#          provider answer or false, 1 if the registry is due for a refresh else 0,
+#          {notice JSON, oldest first}}.
 LUA_SNAPSHOT = r"""
 settle()
+local due = publish()
 finish()
-local states, queue = {}, {}
+local states, queue, notices = {}, {}, {}
 for i = 0, N - 1 do states[i + 1] = RAW[i] or false end
 for k, q in ipairs(Q) do queue[k] = enc(q.e) end
-return {N, redis.call('GET', P .. 'provider') or false, states, queue}
+if A.notices then
+  notices = redis.call('LRANGE', P .. 'notices', 0, -1)
+  redis.call('DEL', P .. 'notices')
+end
+return {N, redis.call('GET', P .. 'provider') or false, states, queue,
+  redis.call('GET', P .. 'usage') or false, due and 1 or 0, notices}
 """
 
 # admin: initialise the pool, or with force re-initialise it, ending every reservation
@@ -781,10 +1072,10 @@ load_pool()
 local ended = 0
 for i = 0, N - 1 do
   if held(S[i]) then ended = ended + 1 end
-  if held(S[i]) or S[i] == false then free(i) end
+  if held(S[i]) or S[i] == false then free(i, 'admin') end
 end
 for i = A.count, N - 1 do redis.call('DEL', P .. 'gpu:' .. i) end
-for _, qid in ipairs(redis.call('ZRANGE', P .. 'queue', 0, -1)) do drop_entry(qid) end
+for _, qid in ipairs(redis.call('ZRANGE', P .. 'queue', 0, -1)) do drop_entry(qid, 'admin') end
 redis.call('SET', P .. 'gpu_count', A.count)
 redis.call('SET', P .. 'provider', A.provider)
 FREED = true
@@ -794,14 +1085,15 @@ return enc({status = 'ok', ended = ended, old = old})
 
 # release: by ids (any type, the caller's own), by token (a run's own GPUs, or a
 # cancelled waiter's), or, with neither, every manual reservation of the caller.
-#   A:     actual_user (the caller's account); ids (list), token, entry (a queue entry
-#          to remove with the GPUs it gathered) - each optional.
+#   A:     actual_user (the caller's account); reason (for the usage records: release,
+#          exit or cancel); ids (list), token, entry (a queue entry to remove with the
+#          GPUs it gathered) - each optional.
 #   reply: {results = [{gpu, result = released|free|other|range|corrupt, type?, user?,
 #          actual_user?}]}, one per GPU looked at.
 LUA_RELEASE = r"""
 load_pool()
 local results = {}
-local function release(i)
+local function release(i, reason)
   local st = S[i]
   if i < 0 or i >= N then
     results[#results + 1] = {gpu = i, result = 'range'}
@@ -812,22 +1104,22 @@ local function release(i)
   elseif owner(st) ~= A.actual_user then
     results[#results + 1] = {gpu = i, result = 'other', user = st.user, actual_user = owner(st)}
   else
-    free(i)
+    free(i, reason)
     results[#results + 1] = {gpu = i, result = 'released', type = st.type}
   end
 end
-for _, i in ipairs(A.ids or {}) do release(tonumber(i)) end
+for _, i in ipairs(A.ids or {}) do release(tonumber(i), A.reason) end
 local mine_manual = not A.ids and not A.token and not A.entry
 for i = 0, N - 1 do
   local st = S[i]
   if held(st) and not partial_of(st) and ((A.token and st.reservation_id == A.token)
       or (mine_manual and st.type == 'manual' and owner(st) == A.actual_user)) then
-    release(i)
+    release(i, A.reason)
   end
 end
 if A.entry then
   for i = 0, N - 1 do
-    if partial_of(S[i]) == A.entry then release(i) end  -- each checked as ours, reported
+    if partial_of(S[i]) == A.entry then release(i, 'cancel') end  -- each checked as ours
   end
   remove_entry(A.entry)
   FREED = true
@@ -838,15 +1130,22 @@ return enc({results = results})
 
 # heartbeat: a run's beat, compare-and-set on the reservation token, so a stale
 # supervisor can never extend a GPU that has since passed to someone else.
-#   A:     token, gpus (ids).
+#   A:     token, gpus (ids); active (of those, the ones the hardware showed in use,
+#          when the beat sampled it).
 #   reply: {lost = [ids no longer held with this token]}.
 LUA_HEARTBEAT = r"""
-local lost = {}
+local lost, seen = {}, {}
+for _, i in ipairs(A.active or {}) do seen[i] = true end
 for _, i in ipairs(A.gpus) do
   local key = P .. 'gpu:' .. i
   local st = decode(redis.call('GET', key))
   if held(st) and st.reservation_id == A.token and not partial_of(st) then
     st.last_heartbeat = NOW
+    if seen[i] then
+      local gap = idle_gap(st)
+      if gap > 0 then st.idle_seconds = (tonumber(st.idle_seconds) or 0) + gap end
+      st.last_active = NOW
+    end
     redis.call('SET', key, enc(st))
   else
     lost[#lost + 1] = i
@@ -855,31 +1154,93 @@ end
 return enc({lost = lost})
 """
 
-# allocate: allocation and the FCFS queue, in one atomic step.
-#   A:     req {user, actual_user, type (run|manual), count, ids?, duration (s, manual),
-#          note?, token, force?, host, pid, block, wait? (s), entry? (our queue entry:
-#          a waiter's poll), new_entry and enqueue_ns (when block and no entry)};
-#          unreserved (ids the hardware shows in use).
-#   reply: {status = 'ok', gpus} | {status = 'queued', position, have, need, waiting}
-#          | {status = 'unavailable', free, unreserved, held_back, waiting, reasons =
-#          [{gpu, reason = held|unreserved|queued|corrupt, user?, type?}]}
-#          | {status = 'invalid', reason = toomany|range, gpu?, pool} | {status = 'nopool'}
-#          | {status = 'gone'} (a poll whose entry was dropped as stale).
+# extend: more time on the caller's manual reservations, within its max_duration.
+#   A:     actual_user, groups (the account's Unix groups, for its limits), duration
+#          (s to add), ids? (only these GPUs), token? (only GPUs of this reservation:
+#          compare-and-set), request (an id: a replay after a failover extends once).
+#   reply: {results = [{gpu, result = extended|free|other|run|range|corrupt|limit,
+#          expiry?, max?, length?}]}.
+LUA_EXTEND = r"""
+settle()
+local results = {}
+local cap = tonumber(rule(A, 'max_duration'))
+local function extend(i, quiet)
+  local st = S[i]
+  local r = {gpu = i}
+  if i < 0 or i >= N then r.result = 'range'
+  elseif st == false then r.result = 'corrupt'
+  elseif not held(st) or partial_of(st) then r.result = 'free'
+  elseif owner(st) ~= A.actual_user or (A.token and st.reservation_id ~= A.token) then
+    r.result = 'other'; r.user = st.user; r.actual_user = owner(st)
+  elseif st.type ~= 'manual' then r.result = 'run'
+  else
+    local expiry = ts(st.expiry_time) or NOW
+    if st.extend_request ~= A.request then expiry = expiry + A.duration end
+    local length = expiry - (ts(st.start_time) or NOW)
+    if cap and length > cap then
+      r.result = 'limit'; r.max = cap; r.length = length
+    else
+      st.expiry_time = expiry
+      st.extend_request = A.request
+      put(i, st)
+      r.result = 'extended'; r.expiry = expiry
+    end
+  end
+  if not quiet or r.result == 'extended' or r.result == 'limit' then
+    results[#results + 1] = r
+  end
+end
+if A.ids then
+  for _, i in ipairs(A.ids) do extend(tonumber(i), false) end
+else
+  for i = 0, N - 1 do
+    if held(S[i]) and S[i].type == 'manual' and owner(S[i]) == A.actual_user then
+      extend(i, true)
+    end
+  end
+end
+finish()
+return enc({results = results})
+"""
+
+# allocate: allocation and the FCFS queue, in one atomic step, within the limits.
+#   A:     req {user, actual_user, groups, type (run|manual), count, ids?, duration (s,
+#          manual), duration_given (the user chose it), timeout? (s, run), priority
+#          (asked), note?, token, force?, host, pid, block, wait? (s), entry? (our queue
+#          entry: a waiter's poll), new_entry and enqueue_ns (when block and no entry)};
+#          unreserved (ids the hardware shows in use); publish?; replay (a retry after a
+#          failover: the first try may have landed); class_offset (ns per queue class).
+#   reply: {status = 'ok', gpus, duration?, timeout?, capped?} | {status = 'queued',
+#          position, have, need, waiting} | {status = 'unavailable', free, unreserved,
+#          held_back, waiting, reasons = [{gpu, reason = held|unreserved|queued|corrupt,
+#          user?, type?}]} | {status = 'limit', what = gpus|duration|timeout, max, asked,
+#          holds?, user} | {status = 'invalid', reason = toomany|range|priority, gpu?,
+#          pool?, class?} | {status = 'nopool'} | {status = 'gone'} (a poll whose entry
+#          was dropped as stale); each may carry register = true (refresh the registry).
 #
-# Fairness without head-of-line blocking: walking the queue in order, each
-# waiter gathers the free GPUs it may take; a waiter still short of a *count*
-# then holds back every free GPU from those behind it, a waiter for *ids* only
-# those ids.  A newcomer may take only what no waiter holds back.
+# Fairness without head-of-line blocking: walking the queue in order (class by class,
+# then first come, first served), each waiter gathers the free GPUs it may take; a
+# waiter still short of a *count* then holds back every free GPU from those behind it,
+# a waiter for *ids* only those ids.  A newcomer may take only what no waiter holds
+# back.  A waiter whose account's max_gpus leaves no room to complete neither gathers
+# nor holds back: it waits for its own user, not everyone.
 LUA_ALLOCATE = r"""
 settle()
+local REGISTER = publish()
 local R = A.req
-if N <= 0 then return enc({status = 'nopool'}) end
+local function reply(t)
+  finish()
+  if REGISTER then t.register = true end
+  return enc(t)
+end
+if N <= 0 then return reply({status = 'nopool'}) end
 if (R.count or 0) > N then
-  return enc({status = 'invalid', reason = 'toomany', pool = N})
+  return reply({status = 'invalid', reason = 'toomany', pool = N})
 end
 for _, i in ipairs(R.ids or {}) do
-  if i >= N then return enc({status = 'invalid', reason = 'range', gpu = i, pool = N}) end
+  if i >= N then return reply({status = 'invalid', reason = 'range', gpu = i, pool = N}) end
 end
+if A.replay and R.new_entry and LIVE[R.new_entry] then R.entry = R.new_entry end
 
 -- A.unreserved is what the hardware shows in use; only a --force request may take those.
 local UNRES = {}
@@ -922,14 +1283,21 @@ local function ordered(cands, who)
   return cands
 end
 
+-- A reservation's deadline: a manual one expires, a run with a timeout is stopped.
+local function deadlines(st, who)
+  if who.type == 'manual' then st.expiry_time = NOW + who.duration
+  else
+    heartbeat_terms(st)
+    if who.timeout then st.timeout_at = NOW + who.timeout end
+  end
+end
+
 local function grant(i, who, qid)
   local st = {user = who.user, actual_user = who.actual_user, type = who.type,
     start_time = NOW, last_heartbeat = NOW, reservation_id = who.token,
     host = who.host, pid = who.pid}
   if str(who.note) then st.note = who.note end
-  if qid then st.partial_queue_id = qid
-  elseif who.type == 'manual' then st.expiry_time = NOW + who.duration
-  else heartbeat_terms(st) end
+  if qid then st.partial_queue_id = qid else deadlines(st, who) end
   put(i, st)
 end
 
@@ -947,10 +1315,10 @@ local function request_of(e, qid)
   end
   local dur = tonumber(e.expiry_duration)
   return {user = e.user, actual_user = str(e.actual_user) and e.actual_user or e.user,
-    type = str(e.reservation_type) and e.reservation_type or 'run',
+    groups = e.groups, type = str(e.reservation_type) and e.reservation_type or 'run',
     count = tonumber(e.requested_count) or #ids, ids = ids, note = e.note,
     token = str(e.reservation_id) and e.reservation_id or qid, host = e.host, pid = e.pid,
-    force = e.force == true, duration = dur and dur / 1e9 or 0}
+    force = e.force == true, duration = dur and dur / 1e9 or 0, timeout = tonumber(e.timeout)}
 end
 
 -- GPUs already gathered by queue entry qid.
@@ -972,11 +1340,10 @@ end
 -- Free GPUs this request may take now, best first.
 local function candidates(req, missing)
   local cands = {}
-  if missing then
-    for _, i in ipairs(missing) do
-      if usable(i, req) and not withheld(i) then cands[#cands + 1] = i end
-    end
-  else
+  for _, i in ipairs(missing or {}) do
+    if usable(i, req) and not withheld(i) then cands[#cands + 1] = i end
+  end
+  if not missing then
     for i = 0, N - 1 do
       if usable(i, req) and not withheld(i) then cands[#cands + 1] = i end
     end
@@ -990,7 +1357,8 @@ local function gather(qid, e)
   local have = holding(qid)
   local missing, need = lacking(req, have)
   local took = 0
-  if need > 0 then
+  local room = need > 0 and fits(req, need)
+  if room then
     local cands = candidates(req, missing)
     for k = 1, math.min(need, #cands) do
       grant(cands[k], req, qid)
@@ -1007,7 +1375,7 @@ local function gather(qid, e)
   end
   missing, need = lacking(req, have)
   if took > 0 and need == 0 and qid ~= R.entry then WAKE = true end
-  if need > 0 then
+  if need > 0 and room then
     for _, i in ipairs(missing or {}) do
       if req.force or not UNRES[i] then blocked[i] = true end
     end
@@ -1026,17 +1394,16 @@ local function complete(qid, have, req)
     st.partial_queue_id = nil
     st.last_heartbeat = NOW
     st.reservation_id = R.token
-    if req.type == 'manual' then st.expiry_time = NOW + req.duration else heartbeat_terms(st) end
+    deadlines(st, req)
     put(i, st)
   end
   remove_entry(qid)
-  finish()
-  return enc({status = 'ok', gpus = have})
+  return reply({status = 'ok', gpus = have, duration = req.type == 'manual' and req.duration
+    or nil, timeout = req.timeout})
 end
 
 local function queued(pos, have, need)
-  finish()
-  return enc({status = 'queued', position = pos, have = have, need = need, waiting = #Q})
+  return reply({status = 'queued', position = pos, have = have, need = need, waiting = #Q})
 end
 
 if str(R.entry) then
@@ -1055,11 +1422,58 @@ if str(R.entry) then
       return queued(pos, have, need)
     end
   end
-  finish()
-  return enc({status = 'gone'})
+  return reply({status = 'gone'})
 end
 
-for _, q in ipairs(Q) do gather(q.qid, q.e) end
+-- A replayed request whose first try was granted gets those GPUs, not more.
+if A.replay then
+  local mine = {}
+  for i = 0, N - 1 do
+    if held(S[i]) and not partial_of(S[i]) and S[i].reservation_id == R.token then
+      mine[#mine + 1] = i
+    end
+  end
+  if #mine > 0 then return reply({status = 'ok', gpus = mine}) end
+end
+
+-- The terms this account may have: its class, its longest reservation, its GPUs.
+local class = rule(R, 'priority') or 'normal'
+local asked = R.priority or 'normal'
+if (CLASS[asked] or 2) > (CLASS[class] or 2) then
+  return reply({status = 'invalid', reason = 'priority', class = class})
+end
+local longest, capped = tonumber(rule(R, 'max_duration')), nil
+if longest and R.type == 'manual' and R.duration > longest then
+  if R.duration_given then
+    return reply({status = 'limit', what = 'duration', max = longest, asked = R.duration,
+      user = R.actual_user})
+  end
+  R.duration, capped = longest, longest
+elseif longest and R.type ~= 'manual' then
+  if R.timeout and R.timeout > longest then
+    return reply({status = 'limit', what = 'timeout', max = longest, asked = R.timeout,
+      user = R.actual_user})
+  end
+  if not R.timeout then R.timeout, capped = longest, longest end
+end
+local wanted = (R.ids and #R.ids > 0) and #R.ids or R.count
+local room, cap = fits(R, wanted)
+if not room then
+  return reply({status = 'limit', what = 'gpus', max = cap, asked = wanted,
+    holds = holdings(R.actual_user), user = R.actual_user})
+end
+
+-- The newcomer's place: its class is in the score itself, so a Go waiter, which serves
+-- the lowest score first, keeps the same order.  Those ahead of it gather first.
+local score = (tonumber(R.enqueue_ns) or NOW * 1e9) - ((CLASS[asked] or 2) - 2) * A.class_offset
+local ahead = 0
+while ahead < #Q and Q[ahead + 1].score <= score do
+  ahead = ahead + 1
+  gather(Q[ahead].qid, Q[ahead].e)
+end
+local function behind()
+  for k = ahead + 1, #Q do gather(Q[k].qid, Q[k].e) end
+end
 
 -- The newcomer as the queue entry it becomes if it waits; as a request, read from that.
 local e = {id = R.new_entry, user = R.user, actual_user = R.actual_user,
@@ -1068,8 +1482,11 @@ local e = {id = R.new_entry, user = R.user, actual_user = R.actual_user,
   pid = R.pid, heartbeat_timeout = A.queue_timeout}
 if R.ids and #R.ids > 0 then e.requested_ids = R.ids end
 if R.type == 'manual' then e.expiry_duration = math.floor(R.duration * 1e9 + 0.5) end
+if R.timeout then e.timeout = R.timeout end
 if str(R.note) then e.note = R.note end
 if R.force then e.force = true end
+if type(R.groups) == 'table' and #R.groups > 0 then e.groups = R.groups end
+if asked ~= 'normal' then e.priority = asked end
 if R.wait then e.wait_timeout = NOW + R.wait end  -- Go's field is the deadline, a time
 local req = request_of(e, R.token)
 local missing, need = lacking(req, {})
@@ -1078,8 +1495,9 @@ if #cands >= need then
   local gpus = {}
   for k = 1, need do grant(cands[k], req, nil); gpus[k] = cands[k] end
   table.sort(gpus)
-  finish()
-  return enc({status = 'ok', gpus = gpus})
+  behind()
+  return reply({status = 'ok', gpus = gpus, duration = R.type == 'manual' and R.duration or nil,
+    timeout = R.timeout, capped = capped})
 end
 
 if not R.block then
@@ -1102,17 +1520,113 @@ if not R.block then
     else why = nil end
     if why then reasons[#reasons + 1] = why end
   end
-  finish()
-  return enc({status = 'unavailable', free = free_now, unreserved = unreserved,
+  behind()
+  return reply({status = 'unavailable', free = free_now, unreserved = unreserved,
     held_back = held_back, waiting = #Q, reasons = reasons})
 end
 
--- Join the queue at its tail and gather what no earlier waiter holds back.
-redis.call('ZADD', P .. 'queue', R.enqueue_ns, R.new_entry)
+-- Join the queue in its place and gather what no earlier waiter holds back.
+redis.call('ZADD', P .. 'queue', string.format('%.0f', score), R.new_entry)
 redis.call('SET', P .. 'queue:entry:' .. R.new_entry, enc(e))
-Q[#Q + 1] = {qid = R.new_entry, e = e}
+table.insert(Q, ahead + 1, {qid = R.new_entry, e = e, score = score})
 local have, still = gather(R.new_entry, e)
-return queued(#Q, have, still)
+ahead = ahead + 1
+behind()
+return queued(ahead, have, still)
+"""
+
+# report: fold the usage records into the per-day roll-ups, then gather a window.
+#   A:     since (s, the window's start), upto (fold the records scored up to here),
+#          batch (fold at most this many records in one call).
+#   reply: {more = true} when records are left to fold (call again); else {sums =
+#          [[type, account, user, seconds, count, idle seconds]] of the records that
+#          began and ended on the window's whole days, records = [the JSON of every
+#          record to clip one by one: those of the window's first day, those not
+#          folded yet, and the roll-ups' L records], migrated (legacy keys are read)}.
+LUA_REPORT = r"""
+local H = P .. 'usage_history_sorted'
+local function num(v) return string.format('%.17g', v) end
+local W = folded_upto()
+local rows = redis.call('ZRANGEBYSCORE', H, W and '(' .. num(W) or '-inf', A.upto,
+  'WITHSCORES', 'LIMIT', 0, A.batch)
+local n = #rows / 2
+if n < A.batch then
+  for k = 1, #rows, 2 do fold_record(rows[k], tonumber(rows[k + 1])) end
+  W = math.max(W or A.upto, A.upto)
+  redis.call('SET', P .. 'usage_folded', num(W))
+else
+  -- A full batch: fold up to the last second it has whole (or, when one second holds
+  -- more than a batch, that second whole), then ask to be called again.
+  local first, last = tonumber(rows[2]), tonumber(rows[#rows])
+  if first == last then
+    rows = redis.call('ZRANGEBYSCORE', H, num(last), num(last), 'WITHSCORES')
+  end
+  for k = 1, #rows, 2 do
+    local score = tonumber(rows[k + 1])
+    if first == last or score < last then
+      fold_record(rows[k], score)
+      W = score
+    end
+  end
+  redis.call('SET', P .. 'usage_folded', num(W))
+  return enc({more = true})
+end
+
+local since = tonumber(A.since)
+local d1 = (math.floor(since / 86400) + 1) * 86400
+local records, acc, order = {}, {}, {}
+local function exact(lo, hi)
+  for _, raw in ipairs(redis.call('ZRANGEBYSCORE', H, lo, hi)) do records[#records + 1] = raw end
+end
+if W >= d1 then
+  exact(num(since), '(' .. num(d1))
+  exact('(' .. num(W), '+inf')
+  for day = d1 / 86400, math.floor(W / 86400) do
+    local flat = redis.call('HGETALL', P .. 'usage_day:' .. day_name(day))
+    for k = 1, #flat, 2 do
+      local metric, who = string.sub(flat[k], 1, 1), string.sub(flat[k], 2)
+      if metric == 'L' then
+        records[#records + 1] = who
+      else
+        if not acc[who] then acc[who] = {s = 0, n = 0, i = 0}; order[#order + 1] = who end
+        acc[who][metric] = acc[who][metric] + tonumber(flat[k + 1])
+      end
+    end
+  end
+else
+  exact(num(since), '+inf')
+end
+local sums = {}
+for _, who in ipairs(order) do
+  local w, a = cjson.decode(who), acc[who]
+  sums[#sums + 1] = {w[1], w[2], w[3], a.s, a.n, a.i}
+end
+return enc({sums = sums, records = records,
+  migrated = redis.call('EXISTS', P .. 'legacy_migrated') == 1})
+"""
+
+# migrate: the legacy per-record history keys of old versions (usage_history:*) move
+# into the sorted set, once: each record is added and its key deleted in one step.
+#   KEYS[2..]: this batch of legacy keys.  A: done (the last batch: mark it finished).
+#   reply: {moved = records moved}.
+LUA_MIGRATE = r"""
+local moved, upto = 0, folded_upto()
+local horizon = NOW - 86400 * A.history_days
+for k = 2, #KEYS do
+  local raw = redis.pcall('GET', KEYS[k])
+  if type(raw) == 'string' then
+    local r = decode(raw)
+    local stop = r and ts(r.end_time)
+    if stop and stop >= horizon then
+      redis.call('ZADD', P .. 'usage_history_sorted', stop, raw)
+      if upto and stop <= upto then fold_record(raw, stop) end
+      moved = moved + 1
+    end
+    redis.call('DEL', KEYS[k])
+  end
+end
+if A.done then redis.call('SET', P .. 'legacy_migrated', NOW) end
+return enc({moved = moved})
 """
 
 
@@ -1139,7 +1653,9 @@ def json_object(raw):
 
 
 class Store:
-    """The Redis connection and the Lua scripts, each one round trip (EVALSHA)."""
+    """One Redis: a plain server, a master found through Sentinel, or a Cluster.  Every
+    call goes through here: the Lua scripts (one round trip each, EVALSHA), plain
+    commands, pipelined reads of many pools, and what a failover asks of each."""
 
     SCRIPTS = {
         "snapshot": LUA_SNAPSHOT,
@@ -1147,35 +1663,84 @@ class Store:
         "allocate": LUA_ALLOCATE,
         "release": LUA_RELEASE,
         "heartbeat": LUA_HEARTBEAT,
+        "extend": LUA_EXTEND,
+        "report": LUA_REPORT,
+        "migrate": LUA_MIGRATE,
     }
+    # Scripts that grant, release or extend: a user is told of what they did, so with
+    # replicas they wait until one has it too (WAIT), and a failover cannot undo it.
+    DURABLE = ("admin", "allocate", "release", "extend")
 
     def __init__(self, config, client=None):
         self.config = config
         address = config.redis_address()
         self.url = address.url()
+        self.mode = "sentinel" if config["redis.sentinels"] else "plain"
+        if config["redis.cluster"]:
+            if self.mode == "sentinel":
+                raise UsageError("redis.cluster and redis.sentinels exclude each other")
+            self.mode = "cluster"
         # As shown in messages: without the password, with the sources that set it.
-        self.address = f"{redacted(self.url)} ({address.origin()})"
-        self.redis = client if client is not None else self._connect()
-        self._scripts = {}
+        self.address = self._describe(address)
+        self.redis = client if client is not None else self._connect(address)
+        self._sha = {}
+        self._replicas = None  # the master's replicas, asked before the first durable script
+        self._told = set()  # one-time messages already given
 
-    def _connect(self):
+    def _describe(self, address):
+        if self.mode == "sentinel":
+            hosts = ",".join(f"{h}:{p}" for h, p in self.config["redis.sentinels"])
+            return (
+                f"master {self.config['redis.master_name']!r} of Sentinel {hosts} "
+                f"(from {self.config.source('redis.sentinels')})"
+            )
+        kind = "Redis Cluster at " if self.mode == "cluster" else ""
+        return f"{kind}{redacted(self.url)} ({address.origin()})"
+
+    def _connect(self, address):
         redis = require_module("redis", "python3-redis")
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
+        # No silent retries with back-off: a dead Redis is one clear line, at once;
+        # a frozen one (accepts, never answers) within a few seconds.
+        options = dict(
+            decode_responses=True,
+            socket_connect_timeout=3,
+            socket_timeout=3,
+            encoding_errors="replace",  # a corrupt value must not fail every reader
+            retry=Retry(NoBackoff(), 0),
+        )
         try:
-            # No silent retries with back-off: a dead Redis is one clear line, at once;
-            # a frozen one (accepts, never answers) within a few seconds.
-            return redis.Redis.from_url(
-                self.url,
-                decode_responses=True,
-                socket_connect_timeout=3,
-                socket_timeout=3,
-                encoding_errors="replace",  # a corrupt value must not fail every reader
-                retry=Retry(NoBackoff(), 0),
-            )
+            if self.mode == "sentinel":
+                return self._sentinel_master(address, options)
+            if self.mode == "cluster":
+                from redis.cluster import RedisCluster
+
+                options.pop("retry")
+                return RedisCluster.from_url(self.url, **options)
+            return redis.Redis.from_url(self.url, **options)
         except ValueError as e:
             raise UsageError(f"invalid Redis URL {self.address}: {e}") from None
+        except redis.RedisError as e:  # a Cluster is asked for its slots at once
+            raise self.failure(e) from None
+
+    def _sentinel_master(self, address, options):
+        """The master that the Sentinels name; the password and db are the URL's."""
+        from urllib.parse import unquote, urlsplit
+
+        from redis.sentinel import Sentinel
+
+        url = urlsplit(self.url) if address.scheme != "unix" else None
+        if url is not None and url.password is not None:
+            options["password"] = unquote(url.password)
+            options["username"] = unquote(url.username) if url.username else None
+        options["db"] = address.db
+        watchers = {"socket_timeout": 1, "socket_connect_timeout": 1}
+        if self.config["redis.sentinel_password"]:
+            watchers["password"] = self.config["redis.sentinel_password"]
+        sentinel = Sentinel(self.config["redis.sentinels"], sentinel_kwargs=watchers, **options)
+        return sentinel.master_for(self.config["redis.master_name"])
 
     def failure(self, error):
         """Turn a redis-py exception into one clear line."""
@@ -1187,7 +1752,11 @@ class Store:
                 f"Redis key {str(error)[7:].split(' script:')[0]}",
                 hint=f"nothing was changed; an admin can inspect it and `redis-cli DEL {key}`",
             )
-
+        if type(error).__name__ == "MasterNotFoundError":
+            return CanhazError(
+                f"no Sentinel answered with a master for {self.address}",
+                hint="check redis.sentinels and redis.master_name (sentinel monitor NAME ...)",
+            )
         # First: redis-py's AuthenticationError is a ConnectionError.
         if isinstance(error, redis.AuthenticationError) or "NOAUTH" in str(error):
             hint = "give the password in the URL: --redis-url redis://:PASSWORD@host:port/db"
@@ -1204,10 +1773,46 @@ class Store:
             )
         return CanhazError(f"Redis at {self.address} failed: {error}")
 
-    def script(self, name, **args):
-        """Run one of SCRIPTS with its JSON argument; returns what the script returns."""
+    def tell_once(self, message):
+        if message not in self._told:
+            self._told.add(message)
+            warn(message)
+
+    def retrying(self, attempt, patient=True):
+        """attempt(replay) -> its result, with failures turned into CanhazError.  A
+        plain Redis is tried once.  Behind Sentinel or in a Cluster, a connection lost
+        to a failover is tried again (replay=True) until the new master answers, for
+        at most redis.failover_timeout."""
         import redis
 
+        lost = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
+        give_up, replay = None, False
+        while True:
+            try:
+                return attempt(replay)
+            except lost as e:
+                if self.mode == "plain" or not patient or isinstance(e, redis.AuthenticationError):
+                    raise self.failure(e) from None
+                now = time.monotonic()
+                if give_up is None:
+                    patience = self.config["redis.failover_timeout"]
+                    give_up = now + patience
+                    reason = str(e).split(". ")[-1].rstrip(".") or type(e).__name__
+                    tell(
+                        f"canhazgpu: lost the Redis master ({reason}); retrying while it "
+                        f"fails over (up to {format_span(patience)})"
+                    )
+                if now >= give_up:
+                    raise self.failure(e) from None
+                self.reconnect()
+                self._replicas = None  # a new master has replicas of its own
+                replay = True
+                time.sleep(0.2)
+            except redis.RedisError as e:
+                raise self.failure(e) from None
+
+    def payload(self, args, replay=False):
+        """A script's ARGV[1]: its own arguments and the ones every script reads."""
         args = {k: v for k, v in args.items() if v is not None}  # JSON null is true in Lua
         if isinstance(args.get("req"), dict):
             args["req"] = {k: v for k, v in args["req"].items() if v is not None}
@@ -1223,22 +1828,154 @@ class Store:
             "heartbeat_timeout": SETTINGS["heartbeat.timeout"][1],
             "queue_timeout": SETTINGS["queue.heartbeat_timeout"][1],
         }
-        if name not in self._scripts:
-            self._scripts[name] = self.redis.register_script(LUA_LIB + self.SCRIPTS[name])
-        try:
-            reply = self._scripts[name](args=[json.dumps(args)])
-        except redis.RedisError as e:
-            raise self.failure(e) from None
+        args["idle_after"] = self.config["idle.after"]
+        args["usage_ttl"], args["registry_every"] = USAGE_TTL, REGISTRY_EVERY
+        args["class_offset"] = CLASS_OFFSET_NS
+        if replay:
+            args["replay"] = True
+        return json.dumps(args)
+
+    def script(self, name, prefix=KEY, keys=(), patient=True, **args):
+        """Run one of SCRIPTS on a pool (its key prefix) with its JSON argument; returns
+        what the script returns."""
+
+        def attempt(replay):
+            return self._eval(name, [prefix, *keys], self.payload(args, replay))
+
+        reply = self.retrying(attempt, patient)
         return json.loads(reply) if isinstance(reply, str) else reply
 
-    def do(self, method, *args):
-        """One plain Redis command, with its failure turned into a clear line."""
+    def _sha_of(self, name):
+        if name not in self._sha:
+            import hashlib
+
+            self._sha[name] = hashlib.sha1((LUA_LIB + self.SCRIPTS[name]).encode()).hexdigest()
+        return self._sha[name]
+
+    def _eval(self, name, keys, payload):
         import redis
 
-        try:
-            return getattr(self.redis, method)(*args)
-        except redis.RedisError as e:
-            raise self.failure(e) from None
+        sha = self._sha_of(name)
+        wait = self.replicas() if name in self.DURABLE else 0
+        for loaded in (False, True):
+            try:
+                if not wait:
+                    return self.redis.evalsha(sha, len(keys), *keys, payload)
+                # One connection for both, as WAIT counts that connection's writes.
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.evalsha(sha, len(keys), *keys, payload)
+                pipe.execute_command("WAIT", wait, self.config["redis.wait_timeout"])
+                reply, acked = pipe.execute(raise_on_error=False)
+                if isinstance(reply, Exception):
+                    raise reply
+                if isinstance(acked, int) and acked < wait:
+                    self.tell_once(
+                        f"no replica confirmed the change within "
+                        f"{self.config['redis.wait_timeout']} ms; a failover now could lose it"
+                    )
+                return reply
+            except redis.exceptions.NoScriptError:
+                if loaded:
+                    raise
+                self.redis.script_load(LUA_LIB + self.SCRIPTS[name])
+
+    def replicas(self):
+        """How many replicas a durable script waits for: redis.wait_replicas, or fewer
+        if the master has fewer (none: no WAIT at all).  A Cluster's scripts run on
+        the master of each pool's slot; WAIT is left to a plain server and Sentinel."""
+        import redis
+
+        wanted = self.config["redis.wait_replicas"]
+        if self.mode == "cluster" or not wanted:
+            return 0
+        if self._replicas is None:
+            try:
+                info = self.redis.info("replication")
+                self._replicas = int(info.get("connected_slaves", 0))
+            except (redis.ResponseError, ValueError, TypeError):  # INFO refused by an ACL
+                self._replicas = 0
+        return min(wanted, self._replicas)
+
+    def do(self, method, *args, patient=True):
+        """One plain Redis command, with its failure turned into a clear line."""
+        return self.retrying(lambda replay: getattr(self.redis, method)(*args), patient)
+
+    def pipeline(self, calls):
+        """Plain commands [(method, *args)] in one round trip (per node in a Cluster)."""
+
+        def attempt(replay):
+            pipe = self.redis.pipeline(transaction=False)
+            for method, *args in calls:
+                getattr(pipe, method)(*args)
+            return pipe.execute()
+
+        return self.retrying(attempt)
+
+    def scripts(self, calls):
+        """Scripts on many pools, [(name, prefix, args)], pipelined: one round trip per
+        Redis node whatever the number of pools.  Returns each reply, or the
+        CanhazError that call met (one pool's trouble is that pool's alone)."""
+        if not calls:
+            return []
+        if self.mode == "cluster":
+            return self._cluster_scripts(calls)
+        return self.retrying(lambda replay: self._pipelined(self.redis, calls))
+
+    def _pipelined(self, client, calls):
+        import redis
+
+        pending, replies = list(range(len(calls))), [None] * len(calls)
+        for loaded in (False, True):
+            pipe = client.pipeline(transaction=False)
+            for k in pending:
+                name, prefix, args = calls[k]
+                pipe.evalsha(self._sha_of(name), 1, prefix, self.payload(args))
+            results = pipe.execute(raise_on_error=False)
+            missing = []
+            for k, result in zip(pending, results):
+                if isinstance(result, redis.exceptions.NoScriptError) and not loaded:
+                    missing.append(k)
+                elif isinstance(result, Exception):
+                    replies[k] = self.failure(result)
+                else:
+                    replies[k] = json.loads(result) if isinstance(result, str) else result
+            if not missing:
+                break
+            for name in {calls[k][0] for k in missing}:
+                client.script_load(LUA_LIB + self.SCRIPTS[name])
+            pending = missing
+        return replies
+
+    def _cluster_scripts(self, calls):
+        """In a Cluster, pools are grouped by the node that serves their slot; each
+        node's scripts go in one pipeline, and the nodes are asked in parallel."""
+        import threading
+
+        groups = {}
+        for k, (_, prefix, _) in enumerate(calls):
+            node = self.retrying(lambda replay, p=prefix: self.redis.get_node_from_key(p))
+            groups.setdefault(node.name, (node, []))[1].append(k)
+        replies = [None] * len(calls)
+
+        def ask(node, ks):
+            try:
+                client = self.redis.get_redis_connection(node)
+                for k, reply in zip(ks, self._pipelined(client, [calls[k] for k in ks])):
+                    replies[k] = reply
+            except Exception as e:  # a node away, or slots moving: pool by pool instead
+                for k in ks:
+                    try:
+                        replies[k] = self.script(calls[k][0], calls[k][1], **calls[k][2])
+                    except CanhazError as error:
+                        replies[k] = error
+                del e
+
+        threads = [threading.Thread(target=ask, args=g) for g in groups.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return replies
 
     def subscribe(self, channel):
         """A pub/sub subscription (a connection of its own), Redis checked first."""
@@ -1249,22 +1986,20 @@ class Store:
 
     def reconnect(self):
         """Drop every connection: the next command starts afresh (a signal may have cut
-        a reply in half)."""
-        self.redis.connection_pool.disconnect()
+        a reply in half, or the master may have moved)."""
+        pool = getattr(self.redis, "connection_pool", None)
+        if pool is not None:
+            pool.disconnect()
 
-    def history(self, since):
-        """Usage records that ended after `since`: the sorted set, plus the legacy
-        per-record keys of old versions (read with SCAN, never KEYS)."""
-        import redis
-
-        try:
-            raws = self.redis.zrangebyscore(KEY + "usage_history_sorted", since, "+inf")
-            legacy = list(self.redis.scan_iter(match=KEY + "usage_history:*", count=1000))
-            if legacy:
-                raws += [raw for raw in self.redis.mget(legacy) if raw]
-        except redis.RedisError as e:
-            raise self.failure(e) from None
-        return [rec for rec in map(json_object, raws) if rec is not None]
+    def registry(self):
+        """The fleet's registered pools: {name: {host, gpu_count, provider, ...}}."""
+        return {
+            name: info
+            for name, info in (
+                (n, json_object(raw)) for n, raw in self.do("hgetall", REGISTRY).items()
+            )
+            if info is not None
+        }
 
 
 # ============================================================================
@@ -1611,11 +2346,72 @@ def inspect_processes(usages):
                 continue  # gone, or in another PID namespace: owner unknown
 
 
+def this_host():
+    return os.uname().nodename
+
+
+def usage_document(usage, provider, error=None, problem=None, now=None):
+    """What a host publishes of its provider's answer, for viewers on other hosts."""
+    gpus = [
+        {
+            "index": gpu.index,
+            "uuid": gpu.uuid,
+            "name": gpu.name,
+            "memory_used": gpu.memory_used,
+            "memory_total": gpu.memory_total,
+            "processes": [
+                {"pid": p.pid, "name": p.name, "memory_mb": p.memory_mb, "owner": p.owner,
+                 "model": p.model}
+                for p in gpu.processes
+            ],
+        }
+        for gpu in (usage or {}).values()
+    ]  # fmt: skip
+    return {
+        "host": this_host(),
+        "updated": time.time() if now is None else now,
+        "provider": provider,
+        "gpus": gpus,
+        "error": error,
+        "problem": problem,
+    }
+
+
+def usage_from_document(doc):
+    """{index: GpuUsage} from a published answer.  Raises ProviderError when that
+    host's provider had failed, or the document is not one (a value mangled in Redis)."""
+    if doc.get("error"):
+        raise ProviderError(str(doc["error"]))
+    try:
+        usage = {}
+        for g in doc["gpus"]:
+            gpu = GpuUsage(
+                int(g["index"]),
+                str(g.get("uuid", "")),
+                str(g.get("name", "")),
+                megabytes(g.get("memory_used")),
+                megabytes(g.get("memory_total")),
+            )
+            for p in g.get("processes") or ():
+                pid = p.get("pid") if isinstance(p.get("pid"), int) else None
+                proc = GpuProcess(pid, str(p.get("name", "?")), megabytes(p.get("memory_mb")))
+                proc.owner = p.get("owner") if isinstance(p.get("owner"), str) else None
+                proc.model = p.get("model") if isinstance(p.get("model"), dict) else None
+                gpu.processes.append(proc)
+            usage[gpu.index] = gpu
+        return usage
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ProviderError("the published usage report is unreadable") from None
+
+
 # ============================================================================
 # Allocation and queue
 # ============================================================================
 
 QUEUE_POLL = 5.0  # seconds between a waiter's polls when no release wakes it
+HARDWARE_FRESH = 5.0  # a provider answer this recent may decide a waiter's grant
+PUBLISHED_STALE = 30.0  # a published answer older than this is warned about
+UNNAMED = "(default)"  # how fleet views name the unnamed pool: no pool name can be this
 
 
 class Reservation:
@@ -1654,16 +2450,52 @@ class Reservation:
     def time(self, field):
         return parse_time(self.data.get(field))
 
+    def idle_seconds(self, now):
+        """How long a held GPU has shown no use (since its start, if never)."""
+        start = self.time("start_time")
+        busy = max(self.time("last_active") or 0, start if start is not None else now)
+        return max(0.0, now - busy)
+
+    def deadline(self):
+        """When the holder is sure to let go: a manual expiry, a run's timeout; or None."""
+        if self.partial:
+            return None
+        if self.kind == "manual":
+            return self.time("expiry_time")
+        return self.time("timeout_at")
+
 
 class Snapshot:
-    """The pool and the queue as one script saw them, after ending what expired."""
+    """The pool and the queue as one script saw them, after ending what expired, with
+    the provider answer its host published and the reclaim notices not yet shown."""
 
     def __init__(self, reply):
-        count, provider, states, queue = reply
+        count, provider, states, queue, *extra = reply
+        usage, due, notices = (list(extra) + [None, 0, []])[:3]
         self.count = int(count)
         self.provider = provider or ("nvidia" if self.count else None)
         self.gpus = [Reservation(i, raw) for i, raw in enumerate(states)]
         self.queue = [json.loads(raw) for raw in queue]
+        self.published = json_object(usage) if usage else None
+        self.register_due = bool(due)
+        self.notices = [n for n in map(json_object, notices or ()) if n is not None]
+
+
+def account_groups():
+    """The Unix groups of the real account, for the limits set on groups."""
+    import grp
+
+    names = []
+    try:
+        gids = os.getgrouplist(current_user(), os.getgid())
+    except (OSError, KeyError):
+        gids = os.getgroups()
+    for gid in sorted(set(gids)):
+        try:
+            names.append(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            continue
+    return names
 
 
 class Request:
@@ -1672,8 +2504,12 @@ class Request:
     def __init__(self, kind, count, ids=None, duration=None, note=None, user=None, force=False):
         self.kind, self.count, self.ids = kind, count, ids
         self.duration, self.note, self.force = duration, note, force
+        self.duration_given = False  # the user chose the duration: a limit refuses, not trims
+        self.timeout = None  # a run's --timeout, seconds
+        self.priority = "normal"
         self.actual_user = current_user()
         self.user = user or self.actual_user
+        self.groups = None  # the account's groups, looked up when first needed
         self.token = uuid.uuid4().hex
         self.entry = None  # our queue entry id while we wait
 
@@ -1683,17 +2519,23 @@ class Request:
         return f"{self.count} GPU" + ("s" if self.count != 1 else "")
 
     def lua(self):
+        if self.groups is None:
+            self.groups = account_groups()
         return {
             "user": self.user,
             "actual_user": self.actual_user,
+            "groups": self.groups,
             "type": self.kind,
             "count": self.count,
             "ids": self.ids or None,
             "duration": self.duration,
+            "duration_given": self.duration_given or None,
+            "timeout": self.timeout,
+            "priority": self.priority,
             "note": self.note,
             "token": self.token,
             "force": self.force or None,
-            "host": os.uname().nodename,
+            "host": this_host(),
             "pid": os.getpid(),
         }
 
@@ -1703,38 +2545,83 @@ def incomplete(problem):
     return f"GPU validation is incomplete ({problem}); going on with what answered"
 
 
-def not_initialised():
+def not_initialised(pool=None):
+    where = f"the GPU pool {pool}" if pool else "the GPU pool"
+    flag = f" --pool {pool}" if pool else ""
     return CanhazError(
-        "the GPU pool is not initialised",
-        hint="run `canhazgpu admin --gpus N` first (N = the GPUs of this machine)",
+        f"{where} is not initialised",
+        hint=f"run `canhazgpu admin{flag} --gpus N` on its host first "
+        "(N = the GPUs of that machine)",
     )
 
 
-class Pool:
-    """The GPU pool in Redis, with the provider that validates it.  Its size and
-    provider name are read once per command (require() or snapshot())."""
+class Hardware:
+    """What a pool's GPUs do, as one command saw it: {index: GpuUsage}, or None when
+    it could not be known (`why` then says so), and how old it is."""
 
-    def __init__(self, store, config, provider=None):
+    def __init__(self, usage, why=None, problem=None, age=0.0, remote=None, missing=False):
+        self.usage, self.why, self.problem, self.age = usage, why, problem, age
+        self.missing = missing  # another host's pool that published nothing lately
+        self.remote = remote  # the host whose published answer this is, when not ours
+        self.taken = time.monotonic()
+
+    def in_use(self, threshold):
+        return sorted(i for i, g in (self.usage or {}).items() if g.in_use(threshold))
+
+    def active(self, threshold):
+        """GPUs that show use: memory above the threshold, or a compute process."""
+        return sorted(
+            i for i, g in (self.usage or {}).items() if g.in_use(threshold) or g.processes
+        )
+
+
+class Pool:
+    """A GPU pool in Redis, with what validates it: the provider on this host, or the
+    answer its own host published.  Its size and provider name are read once per
+    command (require() or snapshot())."""
+
+    def __init__(self, store, config, provider=None, name=None, here=True):
+        if store.mode == "cluster" and not name:
+            raise UsageError(
+                "Redis Cluster needs a named pool: the unnamed one's keys span many slots",
+                hint='set pool.name = "auto" in the config file, or give --pool NAME',
+            )
         self.store, self.config = store, config
+        self.name, self.prefix = name, pool_prefix(name)
+        self.here = here  # its GPUs are this host's: ask the provider, publish its answer
         self._provider = provider  # started early by main() when it could guess
+        self._hardware = None
         self._warned = False
         self.count = self.kind = None  # GPUs in the pool; its provider's name
+        self.host = this_host() if here else None  # the pool's host, once known
 
-    def snapshot(self, now=None, required=True):
+    @property
+    def label(self):
+        return self.name or UNNAMED
+
+    def script(self, name, **args):
+        return self.store.script(name, self.prefix, **args)
+
+    def snapshot(self, now=None, required=True, notices=False, observe=False):
         """The pool after ending what expired; an uninitialised pool is an error
-        unless `required` is false (then its count is 0)."""
-        snap = Snapshot(self.store.script("snapshot", now=now))
+        unless `required` is false (then its count is 0).  With `observe`, this host's
+        hardware answer goes with it (noted on idle GPUs and published)."""
+        seen = self.observation() if observe and self.here else {}
+        reply = self.script("snapshot", now=now, notices=notices or None, **seen)
+        snap = Snapshot(reply)
         if required and not snap.count:
-            raise not_initialised()
+            raise not_initialised(self.name)
         self.count, self.kind = snap.count, snap.provider
+        if snap.register_due:
+            self.register()
         return snap
 
     def require(self):
         """The size of an initialised pool (read once), or a clear error."""
         if self.count is None:
-            count, kind = self.store.do("mget", KEY + "gpu_count", KEY + "provider")
+            count, kind = self.store.do("mget", self.prefix + "gpu_count", self.prefix + "provider")
             if not count or not str(count).isdigit() or int(count) == 0:
-                raise not_initialised()
+                raise not_initialised(self.name)
             self.count, self.kind = int(count), kind or "nvidia"
         return self.count
 
@@ -1753,17 +2640,84 @@ class Pool:
         if self._provider is not None:
             self._provider.discard()
 
-    def unreserved(self):
-        """GPUs the hardware shows in use: the script skips those that no one holds."""
-        provider = self.provider()
+    def hardware(self, fresh=False):
+        """This command's view of the GPUs: the provider here, or the answer the pool's
+        host published.  Asked once; with `fresh` (a waiter's poll) asked again unless
+        the last answer is a few seconds old at most."""
+        hw = self._hardware
+        if hw is None or (fresh and time.monotonic() - hw.taken > HARDWARE_FRESH):
+            if not self.here:
+                self._hardware = self._published()
+            else:
+                if hw is not None:  # a provider answers once: a new one for a new look
+                    self.close()
+                    self._provider = None
+                self._hardware = self.look(self.provider())
+        return self._hardware
+
+    @staticmethod
+    def look(provider):
+        """What `provider` says now, owners and models of the processes included."""
         try:
             usage = provider.usage()
+            inspect_processes(usage)
         except ProviderError as e:
-            self.warn_once(f"cannot validate GPU usage ({e}); allocating on reservations alone")
+            return Hardware(None, why=str(e))
+        return Hardware(usage, problem=provider.problem)
+
+    def keep_looking(self, every):
+        """A waiter's helper thread: a new look every `every` seconds, so that when its
+        GPUs are released it needs no slow nvidia-smi before it may take them.  Returns
+        a function that stops it."""
+        import threading
+
+        stop = threading.Event()
+
+        def loop():
+            while not stop.wait(every):
+                provider = Provider.create(self.kind, self.count)
+                try:
+                    self._hardware = self.look(provider)
+                finally:
+                    provider.discard()
+
+        threading.Thread(target=loop, name="hardware", daemon=True).start()
+        return stop.set
+
+    def _published(self):
+        raw = self.store.do("get", self.prefix + "usage")
+        return published_hardware(json_object(raw) if raw else None, self.host or self.label)
+
+    def observation(self):
+        """What a script is told of this host's hardware: which GPUs show use (noted
+        on their holders; reclaims are decided only on such a fresh look) and the answer
+        itself, published for viewers elsewhere."""
+        hw = self.hardware()
+        error = hw.why if hw.usage is None else None
+        doc = usage_document(hw.usage, self.kind, error=error, problem=hw.problem)
+        active = hw.active(self.config["memory.threshold"]) if hw.usage is not None else None
+        return {
+            "active": active,
+            "observed": hw.usage is not None or None,
+            "publish": json.dumps(doc),
+        }
+
+    def unreserved(self):
+        """GPUs the hardware shows in use: the script skips those that no one holds."""
+        hw = self.hardware()
+        if hw.usage is None:
+            self.warn_once(
+                f"cannot validate GPU usage ({hw.why}); allocating on reservations alone"
+            )
             return []
-        if provider.problem:
-            self.warn_once(incomplete(provider.problem))
-        return sorted(i for i, g in usage.items() if g.in_use(self.config["memory.threshold"]))
+        if hw.problem:
+            self.warn_once(incomplete(hw.problem))
+        if hw.remote and hw.age > PUBLISHED_STALE:
+            self.warn_once(
+                f"the usage report from {hw.remote} is {format_span(hw.age)} old; "
+                "a GPU it shows free may have been taken since"
+            )
+        return hw.in_use(self.config["memory.threshold"])
 
     def warn_once(self, message):
         """A waiter asks the provider at every poll: say a failure once, not each time."""
@@ -1771,32 +2725,159 @@ class Pool:
             warn(message)
             self._warned = True
 
+    def publish(self, hw):
+        """Note and publish a look at the hardware taken elsewhere (the web server's
+        shared answer); returns the snapshot."""
+        self._hardware = hw
+        return self.snapshot(observe=True)
+
+    def register(self, models=None):
+        """This pool's entry in the fleet registry: where it is and what it has."""
+        hw = self._hardware
+        if models is None:
+            models = sorted({g.name for g in (hw.usage or {}).values() if g.name}) if hw else []
+        info = {
+            "host": this_host(),
+            "gpu_count": self.count,
+            "provider": self.kind,
+            "models": models,
+            "version": __version__,
+            "updated": time.time(),
+        }
+        self.store.do("hset", REGISTRY, self.label, json.dumps(info))
+
     def allocate(self, req, block=False, entry=None, wait=None, fresh=False):
-        """One atomic allocation step; see LUA_ALLOCATE for the replies.  `fresh`: ask
-        the provider anew (a waiter's poll), not what it said at the start."""
-        if fresh:
-            self._provider = None
+        """One atomic allocation step; see LUA_ALLOCATE for the replies.  `fresh`: a
+        waiter's poll, which may use an answer at most a few seconds old."""
+        self.hardware(fresh=fresh)
         # Passed even with --force: the script also runs the queue for other waiters.
         unreserved = self.unreserved()
+        seen = self.observation() if self.here else {}
         args = dict(req.lua(), block=block, entry=entry, wait=wait)
         if block and not entry:
             # Known before the script runs, so a signal that cuts its reply can still cancel it.
             req.entry = args["new_entry"] = str(uuid.uuid4())
             args["enqueue_ns"] = str(time.time_ns())
-        reply = self.store.script("allocate", req=args, unreserved=unreserved)
+        reply = self.script("allocate", req=args, unreserved=unreserved, **seen)
         if reply["status"] != "queued":
             req.entry = None
+        if reply.get("register"):
+            self.register()
         return reply
 
-    def release(self, ids=None, token=None, entry=None):
-        reply = self.store.script(
-            "release", ids=ids, token=token, entry=entry, actual_user=current_user()
+    def release(self, ids=None, token=None, entry=None, reason="release"):
+        reply = self.script(
+            "release", ids=ids, token=token, entry=entry, reason=reason, actual_user=current_user()
         )
         return reply["results"]
 
-    def heartbeat(self, token, ids):
+    def heartbeat(self, token, ids, active=None):
         """Refresh a run's GPUs; returns the ids no longer held with this token."""
-        return self.store.script("heartbeat", token=token, gpus=ids)["lost"]
+        return self.script("heartbeat", token=token, gpus=ids, active=active, patient=False)["lost"]
+
+    def extend(self, duration, ids=None, token=None):
+        reply = self.script(
+            "extend",
+            duration=duration,
+            ids=ids,
+            token=token,
+            actual_user=current_user(),
+            groups=account_groups(),
+            request=uuid.uuid4().hex,
+        )
+        return reply["results"]
+
+
+def published_hardware(doc, host):
+    """A pool's hardware as its host last published it (a minute at most)."""
+    if doc is None:
+        return Hardware(None, why=f"no recent report from {host}", remote=host, missing=True)
+    age = max(0.0, time.time() - (parse_time(doc.get("updated")) or 0))
+    source = doc.get("host") if isinstance(doc.get("host"), str) else host
+    try:
+        usage = usage_from_document(doc)
+    except ProviderError as e:
+        return Hardware(None, why=f"{source}: {e}", age=age, remote=source)
+    return Hardware(usage, problem=doc.get("problem"), age=age, remote=source)
+
+
+class Fleet:
+    """Every pool that one Redis serves, read together: the registered pools and the
+    unnamed one, each pool's script pipelined with the others' (one round trip per
+    Redis node, whatever the number of pools)."""
+
+    def __init__(self, store, config, here=None):
+        self.store, self.config = store, config
+        self.here = here  # this host's Pool: its hardware is asked, the others' are read
+        self.info = {}  # label -> registry entry
+
+    def labels(self):
+        """The pools' labels in name order ((default) for the unnamed pool)."""
+        calls = [("hgetall", REGISTRY)]
+        if self.store.mode != "cluster":
+            calls.append(("exists", KEY + "gpu_count"))
+        registry, *unnamed = self.store.pipeline(calls)
+        self.info = {
+            label: json_object(raw) or {}
+            for label, raw in registry.items()
+            if label == UNNAMED or POOL_NAME.fullmatch(label)
+        }
+        if unnamed and unnamed[0]:
+            self.info.setdefault(UNNAMED, {})
+        return sorted(self.info)
+
+    def pool(self, label):
+        """A pool of the fleet: this host's own, or one registered on this host, asks
+        the provider here; the others are seen through what their hosts publish."""
+        if self.here is not None and self.here.label == label:
+            return self.here
+        host = self.info.get(label, {}).get("host")
+        host = host if isinstance(host, str) else None
+        name = None if label == UNNAMED else label
+        pool = Pool(self.store, self.config, name=name, here=host == this_host())
+        pool.host = host
+        return pool
+
+    def views(self, labels, script="snapshot", args=None, observe=True):
+        """{label: (pool, reply) or CanhazError} for one script on every pool; with
+        `observe`, this host's pools are looked at and their answer published."""
+        pools = [self.pool(label) for label in labels]
+        calls = []
+        for pool in pools:
+            seen = {}
+            if pool.here and script == "snapshot" and observe:
+                try:
+                    pool.require()
+                    seen = pool.observation()
+                except CanhazError:
+                    pass  # not initialised: the snapshot says so
+            calls.append((script, pool.prefix, dict(args or {}, **seen)))
+        return {
+            pool.label: reply if isinstance(reply, CanhazError) else (pool, reply)
+            for pool, reply in zip(pools, self.store.scripts(calls))
+        }
+
+    def snapshots(self, labels):
+        """{label: (pool, snapshot, hardware) or CanhazError}."""
+        out = {}
+        for label, view in self.views(labels).items():
+            if isinstance(view, CanhazError):
+                out[label] = view
+                continue
+            pool, snap = view[0], Snapshot(view[1])
+            if not snap.count:
+                out[label] = not_initialised(pool.name)
+                continue
+            pool.count, pool.kind = snap.count, snap.provider
+            if snap.register_due:
+                pool.register()
+            hw = (
+                pool.hardware()
+                if pool.here
+                else published_hardware(snap.published, pool.host or label)
+            )
+            out[label] = (pool, snap, hw)
+        return out
 
 
 class Interrupted(BaseException):
@@ -1835,9 +2916,10 @@ class CancelOnSignals:
 def acquire(pool, req, block=True, wait=None, progress=None):
     """Reserve now, or wait in the FCFS queue until the request is met.
 
-    Returns the sorted GPU ids.  A request that can never be met, or cannot be
-    met now with block=False, raises CanhazError; a signal while waiting
-    cancels the queue entry and any gathered GPUs, then raises Interrupted.
+    Returns the grant: {gpus (sorted ids), duration? and timeout? (as the limits
+    left them), capped?}.  A request that can never be met, or cannot be met now
+    with block=False, raises CanhazError; a signal while waiting cancels the queue
+    entry and any gathered GPUs, then raises Interrupted.
     """
     validate_request(req, pool.require())
     try:
@@ -1847,12 +2929,12 @@ def acquire(pool, req, block=True, wait=None, progress=None):
                 reply = Waiter(pool, req, reply, wait, progress).wait()
             if reply["status"] != "ok":
                 raise allocation_error(reply, req)
-            return reply["gpus"]
+            return reply
     except Interrupted:
         # The signal may have cut a reply in half: cancel on a fresh connection.
         # The token also frees GPUs granted by a script whose reply we never read.
         pool.store.reconnect()
-        pool.release(token=req.token, entry=req.entry)
+        pool.release(token=req.token, entry=req.entry, reason="cancel")
         raise
 
 
@@ -1868,14 +2950,18 @@ class Waiter:
         self.interval = min(QUEUE_POLL, pool.config["queue.heartbeat_timeout"] / 4)
 
     def wait(self):
-        events = self.pool.store.subscribe(EVENTS)
+        events = self.pool.store.subscribe(self.pool.prefix + "events")
+        # nvidia-smi can take seconds: keep a recent answer, so a release is taken at once.
+        stop_looking = None
+        if self.pool.here and self.pool.kind != "fake":
+            stop_looking = self.pool.keep_looking(HARDWARE_FRESH / 2)
         try:
             reply = self.poll()  # a release may have come before the subscription
             next_poll = time.monotonic() + self.interval
             while reply["status"] == "queued":
                 now = time.monotonic()
                 if self.wait_for is not None and now - self.started >= self.wait_for:
-                    self.pool.release(token=self.req.token, entry=self.req.entry)
+                    self.pool.release(token=self.req.token, entry=self.req.entry, reason="cancel")
                     raise CanhazError(
                         f"gave up after waiting {format_span(self.wait_for)} for "
                         f"{self.req.describe()} (position {reply['position']} in the queue)",
@@ -1894,6 +2980,8 @@ class Waiter:
                     next_poll = time.monotonic() + self.interval
             return reply
         finally:
+            if stop_looking is not None:
+                stop_looking()
             try:
                 events.close()
             except Exception:  # closing a half-read connection after a signal
@@ -1934,34 +3022,103 @@ CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and clear it
 
 
 class QueueLine:
-    """The live stderr line of a waiting request: only on a terminal."""
+    """The live stderr line of a waiting request: only on a terminal, where it also
+    says when the request should start (from a fresh look at the pool every 10 s)."""
 
-    def __init__(self, req):
-        self.req = req
+    ETA_EVERY = 10.0
+
+    def __init__(self, req, pool):
+        self.req, self.pool = req, pool
         self.tty = sys.stderr.isatty()
         self.shown = False
+        self.eta, self.eta_at = None, None  # the estimate, and when it was made
 
     def __call__(self, reply, waited):
         have, need = len(reply["have"]), reply["need"]
-        text = (
-            f"Waiting for {self.req.describe()}: position {reply['position']} in the queue"
-            + (f", {have}/{have + need} gathered" if have else "")
-            + f", waited {format_duration(waited)}"
+        text = f"Waiting for {self.req.describe()}: position {reply['position']} in the queue" + (
+            f", {have}/{have + need} gathered" if have else ""
         )
         if self.tty:
-            tell(text, end="", control=CLEAR_LINE)
+            eta = self.estimate()
+            text += f", starts by {clock(eta)}" if eta else ", start unknown"
+            tell(text + f", waited {format_duration(waited)}", end="", control=CLEAR_LINE)
         elif not self.shown:
-            tell(text.split(", waited")[0])
+            tell(text)
         self.shown = True
+
+    def estimate(self):
+        now = time.monotonic()
+        if self.req.entry and (self.eta_at is None or now - self.eta_at >= self.ETA_EVERY):
+            self.eta_at = now
+            try:
+                self.eta = queue_etas(self.pool.snapshot(), time.time()).get(self.req.entry)
+            except CanhazError:
+                self.eta = None
+        return self.eta
 
     def clear(self):
         if self.tty and self.shown:
             tell("", end="", control=CLEAR_LINE)
 
 
+def clock(t, now=None):
+    """A coming moment as a person reads it: 14:20 today, Tue 14:20 this week, else the date."""
+    now = time.time() if now is None else now
+    local, today = time.localtime(t), time.localtime(now)
+    if local[:3] == today[:3]:
+        return time.strftime("%H:%M", local)
+    return time.strftime("%a %H:%M" if t - now < 6 * 86400 else "%Y-%m-%d %H:%M", local)
+
+
+def entry_duration(e):
+    """How long a queue entry's reservation will last once granted, or None if unbounded."""
+    if e.get("reservation_type") == "manual":
+        ns = e.get("expiry_duration")
+        return ns / 1e9 if isinstance(ns, (int, float)) and ns > 0 else None
+    timeout = e.get("timeout")
+    return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
+
+
+def queue_etas(snap, now):
+    """{entry id: when it starts at the latest (Unix s), or None if unknown}.
+
+    Each GPU is free now or from its holder's deadline (a manual expiry, a run's
+    timeout); a run without one, or a free GPU the waiters leave alone (busy without a
+    reservation), frees at an unknown time.  Waiters in order take the soonest free
+    GPUs they can use; what they take is busy again for their own duration."""
+    gathered = {g.gpu: g.partial_queue_id for g in snap.gpus if g.partial}
+    free_at = {}
+    for g in snap.gpus:
+        if g.error or g.gpu in gathered:
+            free_at[g.gpu] = None
+        elif not g.held:
+            free_at[g.gpu] = None if snap.queue else now
+        else:
+            free_at[g.gpu] = g.deadline()
+    etas = {}
+    for e in snap.queue:
+        have = [i for i, qid in gathered.items() if qid == e.get("id")]
+        wanted = [i for i in e.get("requested_ids") or () if isinstance(i, int)]
+        pool = (
+            [i for i in wanted if i not in have]
+            if wanted
+            else [i for i in free_at if i not in have]
+        )
+        need = (len(wanted) if wanted else int(e.get("requested_count") or 0)) - len(have)
+        times = sorted(free_at.get(i) if free_at.get(i) is not None else math.inf for i in pool)
+        picked = sorted(pool, key=lambda i: free_at.get(i) or math.inf)[: max(0, need)]
+        start = max([now, *times[: max(0, need)]]) if len(times) >= need else math.inf
+        eta = None if math.isinf(start) else start
+        etas[e.get("id")] = eta
+        duration = entry_duration(e)
+        for i in [*have, *picked]:
+            free_at[i] = eta + duration if eta is not None and duration else None
+    return etas
+
+
 def reserve_gpus(pool, req, block, wait):
     """acquire(), showing the waiting line on a terminal."""
-    line = QueueLine(req)
+    line = QueueLine(req, pool)
     try:
         return acquire(pool, req, block=block, wait=wait, progress=line)
     finally:
@@ -1988,6 +3145,14 @@ def allocation_error(reply, req):
     status = reply["status"]
     if status == "nopool":
         return not_initialised()
+    if status == "limit":
+        return limit_error(reply)
+    if status == "invalid" and reply.get("reason") == "priority":
+        return UsageError(
+            f"{req.actual_user}'s priority class is {reply['class']}: "
+            "--priority may lower a request, never raise it",
+            hint="`canhazgpu admin --show-limits` shows the classes",
+        )
     if status == "invalid":
         return UsageError(f"requested {req.describe()} but the pool has {reply['pool']} GPUs")
     if status != "unavailable":
@@ -2017,6 +3182,23 @@ def allocation_error(reply, req):
     return CanhazError(
         f"not enough GPUs available: requested {req.count}, available {reply['free']}{extra}",
         hint="`canhazgpu status` shows who holds what; drop --nonblock to wait in the queue",
+    )
+
+
+def limit_error(reply):
+    """A request beyond the account's limits: it fails at once, it never waits."""
+    who, top = reply.get("user"), reply.get("max")
+    hint = "`canhazgpu admin --show-limits` shows the limits"
+    if reply["what"] == "gpus":
+        return CanhazError(
+            f"{who} may hold at most {top} GPUs "
+            f"(holds {reply['holds']}, asked for {reply['asked']})",
+            hint=hint + "; `canhazgpu release` gives back what you do not need",
+        )
+    what = "run for" if reply["what"] == "timeout" else "reserve for"
+    return CanhazError(
+        f"{who} may {what} at most {format_span(top)} (asked for {format_span(reply['asked'])})",
+        hint=hint,
     )
 
 
@@ -2148,6 +3330,8 @@ class Heartbeat:
         self.stopped = self.unreachable = False
         self.last_beat = time.monotonic()  # the allocation was the first beat
         self.lost = set()
+        self.sample_every = None  # how often a beat also asks the hardware (idle time)
+        self.sampled = time.monotonic()  # the allocation looked at it
 
     def start(self):
         self.thread.start()
@@ -2174,7 +3358,7 @@ class Heartbeat:
         # Half the expiry: the clocks of the hosts that expire reservations may run ahead.
         overdue = time.monotonic() - self.last_beat > self.expiry / 2
         try:
-            lost = set(self.pool.heartbeat(self.req.token, self.ids))
+            lost = set(self.pool.heartbeat(self.req.token, self.ids, self.sample()))
         except Exception as e:  # this thread must outlive any failure: the command goes on
             if not self.unreachable:
                 self.unreachable = True
@@ -2194,6 +3378,23 @@ class Heartbeat:
                 "(released or expired); the command goes on without it"
             )
         self.lost = lost
+
+    def sample(self):
+        """Every idle.sample_interval, which of our GPUs the hardware shows in use: the
+        run's idle time is the same truth `status` shows.  None between samples."""
+        if not self.pool.here or self.sample_every is None:
+            return None
+        if time.monotonic() - self.sampled < self.sample_every:
+            return None
+        self.sampled = time.monotonic()
+        provider = Provider.create(self.pool.kind, self.pool.count)
+        try:
+            hw = self.pool.look(provider)
+        finally:
+            provider.discard()
+        if hw.usage is None:
+            return None
+        return [i for i in hw.active(self.pool.config["memory.threshold"]) if i in self.ids]
 
     def reacquire(self, ids):
         """Our reservation of `ids` expired while no beat went out: take the same GPUs
@@ -2232,20 +3433,28 @@ class Supervisor:
         a flush failing at exit (a terminal hung up) cannot change the status."""
         self.pool.require()
         self.catch_signals()
-        self.ids = reserve_gpus(self.pool, self.req, *self.wait)
+        grant = reserve_gpus(self.pool, self.req, *self.wait)
+        self.ids = grant["gpus"]
         signal.pthread_sigmask(signal.SIG_BLOCK, self.caught)  # until the command runs
         self.pool.close()  # the provider's queries are done with: no stray children of ours
         self.cancel_if_signalled()
         tell(f"Reserved {len(self.ids)} GPU(s): {self.ids} for command execution")
+        if grant.get("capped"):
+            self.timeout = grant["capped"]
+            tell(
+                f"canhazgpu: runs here may last {format_span(self.timeout)} at most: --timeout "
+                f"{format_span(self.timeout)} applies"
+            )
         try:
             self.start()
         except BaseException:
-            self.release()
+            self.release("cancel")
             raise
         config = self.pool.config
         self.heartbeat = Heartbeat(
             self.pool, self.req, self.ids, config["heartbeat.interval"], config["heartbeat.timeout"]
         )
+        self.heartbeat.sample_every = config["idle.sample_interval"]
         self.heartbeat.start()  # only now: a thread must not hold a lock across our fork
         self.supervise()
         self.clean_up()
@@ -2291,7 +3500,7 @@ class Supervisor:
         SIGUSR1 would kill it before it could set up its handler."""
         cancel = [s for s in self.pending if s in CANCEL_SIGNALS]
         if cancel:
-            self.release()
+            self.release("cancel")
             die_of(cancel[0])
         self.pending.clear()
 
@@ -2577,13 +3786,13 @@ class Supervisor:
             except OSError:
                 pass
 
-    def release(self):
+    def release(self, reason="exit"):
         """Synchronously, before we exit, so `status` shows the GPU free the moment `run`
         returns; retried while Redis is briefly away."""
         give_up = time.monotonic() + RELEASE_PATIENCE
         while True:
             try:
-                self.pool.release(token=self.req.token)
+                self.pool.release(token=self.req.token, reason=reason)
                 return
             except CanhazError as e:
                 if time.monotonic() >= give_up:
@@ -2607,27 +3816,139 @@ def use_colour(args, stream=sys.stdout):
     return not getattr(args, "no_color", False) and "NO_COLOR" not in os.environ and stream.isatty()
 
 
+LIMIT_FIELDS = ("max_gpus", "max_duration", "priority")
+
+
 def cmd_admin(app):
+    """Initialise a pool (--gpus), set its limits and priority classes, its idle
+    policy, or show them: any of these in one call, in that order."""
+    args = app.args
+    changes = {f: getattr(args, f) for f in LIMIT_FIELDS if getattr(args, f) is not None}
+    policy = args.idle_reclaim_after
+    if args.gpus is None and not (changes or args.clear or policy is not None or args.show_limits):
+        raise UsageError(
+            "admin needs --gpus N to initialise the pool, limits to set, or --show-limits",
+            hint="canhazgpu admin --gpus 8; canhazgpu admin --max-gpus 4 --for alice",
+        )
+    if (args.user_scope or args.group_scope) and not (changes or args.clear):
+        raise UsageError(
+            "--for and --for-group name whom --max-gpus, --max-duration, "
+            "--priority or --clear apply to"
+        )
+    pool = app.pool()
+    if args.gpus is not None:
+        initialise(app, pool)
+        if policy is None and app.config["idle.reclaim_after"] is not None:
+            policy = app.config["idle.reclaim_after"]
+    if changes or args.clear:
+        scope = limit_scope(args)
+        set_limits(pool, scope, changes, args.clear)
+        say(f"Limits of {scope}: {describe_limits(json_object(limits_of(pool).get(scope)) or {})}")
+    if policy is not None:
+        pool.require()
+        set_limits(pool, "policy", {"idle_reclaim_after": policy or False}, False)
+        say(
+            "Idle manual reservations are "
+            + (f"reclaimed after {format_span(policy)}" if policy else "never reclaimed")
+        )
+    if args.show_limits:
+        show_limits(pool)
+    return 0
+
+
+def initialise(app, pool):
     args = app.args
     name = args.provider or detect_provider()
     provider = Provider.create(name)
     real = provider.detect_count()
     if args.force and not args.yes and sys.stdin.isatty():
-        confirm_force(app.pool())
-    reply = app.store().script("admin", count=args.gpus, provider=name, force=args.force)
+        confirm_force(pool)
+    reply = pool.script("admin", count=args.gpus, provider=name, force=args.force)
+    where = f"the GPU pool {pool.name}" if pool.name else "the GPU pool"
     if reply["status"] == "exists":
         raise CanhazError(
-            f"the pool is already initialised with {reply['count']} GPUs "
+            f"{where} is already initialised with {reply['count']} GPUs "
             f"(provider {reply.get('provider') or 'nvidia'})",
             hint="add --force to re-initialise it; that ends every reservation",
         )
     if real is not None and real != args.gpus:  # only once the pool has that count
         warn(f"{provider.tool} reports {real} GPU(s); the pool has {args.gpus}")
+    pool.count, pool.kind = args.gpus, name
+    models = sorted({g.name for g in provider.usage().values()}) if real is not None else []
+    pool.register(models)
     verb = "Re-initialised" if reply.get("old") is not None else "Initialised"
-    say(f"{verb} the GPU pool: {args.gpus} GPU(s), provider {name}")
+    say(f"{verb} {where}: {args.gpus} GPU(s), provider {name}")
     if reply.get("old") is not None:
         say(f"Ended {reply['ended']} reservation(s)")
-    return 0
+
+
+def limit_scope(args):
+    if args.user_scope:
+        return f"user:{args.user_scope}"
+    if args.group_scope:
+        return f"group:{args.group_scope}"
+    return "default"
+
+
+def limits_of(pool):
+    """The pool's limits hash: {scope: JSON}."""
+    return pool.store.do("hgetall", pool.prefix + "limits")
+
+
+def set_limits(pool, scope, changes, clear):
+    """Merge `changes` into a scope's limits (none: no limit, even over a default);
+    `clear` removes what the scope had first."""
+    key = pool.prefix + "limits"
+    current = {} if clear else json_object(pool.store.do("hget", key, scope)) or {}
+    current.update(changes)
+    if current:
+        pool.store.do("hset", key, scope, json.dumps(current))
+    else:
+        pool.store.do("hdel", key, scope)
+
+
+def describe_limits(rule):
+    def shown(field, value):
+        if value is False:
+            return "none"
+        return format_span(value) if field == "max_duration" else str(value)
+
+    parts = [f"{f.replace('_', '-')} {shown(f, rule[f])}" for f in LIMIT_FIELDS if f in rule]
+    return ", ".join(parts) or "none set (the defaults apply)"
+
+
+def show_limits(pool):
+    """`admin --show-limits`: every scope, most general first, and the idle policy."""
+    raw = limits_of(pool)
+    rules = {scope: json_object(v) or {} for scope, v in raw.items()}
+    policy = rules.pop("policy", {})
+    order = sorted(rules, key=lambda s: (s != "default", s.split(":")[0] != "group", s))
+    rows = [
+        [scope]
+        + [
+            "-"
+            if f not in rules[scope]
+            else "none"
+            if rules[scope][f] is False
+            else format_span(rules[scope][f])
+            if f == "max_duration"
+            else str(rules[scope][f])
+            for f in LIMIT_FIELDS
+        ]
+        for scope in order
+    ]
+    say(f"Limits of pool {pool.label}:")
+    if rows:
+        for line in render_table(["SCOPE", "MAX_GPUS", "MAX_DURATION", "PRIORITY"], rows):
+            say("  " + line.rstrip())
+    else:
+        say("  none: everyone may hold every GPU, for any time, in the normal class")
+    after = policy.get("idle_reclaim_after")
+    say(
+        f"Idle manual reservations: reclaimed after {format_span(after)}"
+        if after
+        else "Idle manual reservations: never reclaimed"
+    )
 
 
 def confirm_force(pool):
@@ -2659,46 +3980,24 @@ def detect_provider():
     return found[0]
 
 
-def status_rows(snap, usage, threshold, now):
-    """One dict per GPU, in the `status --json` shape."""
+def status_rows(snap, hw, config, now):
+    """One dict per GPU, in the `status --json` shape; `hw` is the pool's Hardware."""
     rows = []
     for gpu in snap.gpus:
-        hw = usage.get(gpu.gpu) if usage is not None else None
-        row = {"gpu_id": gpu.gpu}
-        if hw is not None:
-            row["gpu_model"] = hw.name
-            row["memory_mb"] = hw.used_mb
-            row["memory_total_mb"] = hw.memory_total
-            row["process_info"] = [
-                {"pid": p.pid, "name": p.name, "memory_mb": p.memory_mb, "user": p.owner}
-                for p in hw.processes
-            ]
-            models = [p.model for p in hw.processes if p.model]
-            if models:
-                row["model"] = models[0]
+        g = hw.usage.get(gpu.gpu) if hw.usage is not None else None
+        row = {"gpu_id": gpu.gpu, **hardware_fields(g)}
         if gpu.error:
             row.update(status="ERROR", error=gpu.error, details=gpu.error)
         elif gpu.held:
-            start = gpu.time("start_time")
-            row.update(
-                status="IN_USE",
-                user=gpu.user,
-                actual_user=gpu.owner,
-                type=gpu.kind.upper(),
-                duration_seconds=max(0, int(now - start)) if start else None,  # as shown
-                duration=format_duration(now - start) if start else "",
-                last_heartbeat=rfc3339(gpu.time("last_heartbeat")),
-                expiry_time=rfc3339(gpu.time("expiry_time")),
-            )
-            row["details"] = held_details(gpu, now)
-        elif hw is not None and hw.in_use(threshold):
-            owners = sorted({p.owner or "unknown" for p in hw.processes}) or ["unknown"]
-            procs = ", ".join(p.label() for p in hw.processes)
+            row.update(held_fields(gpu, now, config["idle.after"]))
+        elif g is not None and g.in_use(config["memory.threshold"]):
+            owners = sorted({p.owner or "unknown" for p in g.processes}) or ["unknown"]
+            procs = ", ".join(p.label() for p in g.processes)
             row.update(
                 status="UNRESERVED",
                 user=", ".join(owners),
                 unreserved_users=owners,
-                details=f"{hw.used_mb}MB used" + (f" by {procs}" if procs else ""),
+                details=f"{g.used_mb}MB used" + (f" by {procs}" if procs else ""),
             )
         else:
             released = gpu.time("last_released")
@@ -2709,9 +4008,52 @@ def status_rows(snap, usage, threshold, now):
             )
         if gpu.note:
             row["note"] = gpu.note
-        row["validation"] = validation_text(row["status"], hw, usage)
+        row["validation"] = validation_text(row["status"], g, hw)
         rows.append({k: v for k, v in row.items() if v is not None})
     return rows
+
+
+def hardware_fields(g):
+    """What the provider says of one GPU, for its status row."""
+    if g is None:
+        return {}
+    row = {
+        "gpu_model": g.name,
+        "memory_mb": g.used_mb,
+        "memory_total_mb": g.memory_total,
+        "process_info": [
+            {"pid": p.pid, "name": p.name, "memory_mb": p.memory_mb, "user": p.owner}
+            for p in g.processes
+        ],
+    }
+    models = [p.model for p in g.processes if p.model]
+    if models:
+        row["model"] = models[0]
+    return row
+
+
+def held_fields(gpu, now, idle_after):
+    start = gpu.time("start_time")
+    idle = int(gpu.idle_seconds(now))
+    is_idle = idle > idle_after and not gpu.partial
+    details = held_details(gpu, now)
+    if is_idle:
+        details = f"{details}, idle {format_hm(idle)}" if details else f"idle {format_hm(idle)}"
+    return dict(
+        status="IN_USE",
+        user=gpu.user,
+        actual_user=gpu.owner,
+        type=gpu.kind.upper(),
+        duration_seconds=max(0, int(now - start)) if start else None,  # as shown
+        duration=format_duration(now - start) if start else "",
+        last_heartbeat=rfc3339(gpu.time("last_heartbeat")),
+        expiry_time=rfc3339(gpu.time("expiry_time")),
+        timeout_at=rfc3339(gpu.time("timeout_at")),
+        last_active=rfc3339(gpu.time("last_active")),
+        idle_seconds=idle,
+        idle=is_idle,
+        details=details,
+    )
 
 
 def held_details(gpu, now):
@@ -2724,13 +4066,13 @@ def held_details(gpu, now):
     return None
 
 
-def validation_text(status, hw, usage):
-    if usage is None:
-        return "unavailable"
-    if hw is None:
+def validation_text(status, g, hw):
+    if hw.usage is None:
+        return f"unknown ({hw.why})" if hw.missing else "unavailable"
+    if g is None:
         return "not reported by the provider"
-    procs = len(hw.processes)
-    used = hw.used_mb
+    procs = len(g.processes)
+    used = g.used_mb
     if status in ("IN_USE", "UNRESERVED") and procs:
         memory = f"{used}MB, " if used is not None else ""
         return f"{memory}{procs} process" + ("es" if procs != 1 else "")
@@ -2739,22 +4081,50 @@ def validation_text(status, hw, usage):
     return f"{used}MB used" if used is not None else "memory unknown"
 
 
+def pool_view(pool, notices=False):
+    """(snapshot, hardware) of one pool: this host's asks its provider first, so the
+    snapshot script can note which GPUs show use and publish the answer; another
+    host's is seen through what that host published."""
+    if pool.here:
+        pool.require()
+        pool.hardware()
+        snap = pool.snapshot(observe=True, notices=notices)
+        return snap, pool.hardware()
+    snap = pool.snapshot(notices=notices)
+    return snap, published_hardware(snap.published, pool.host or pool.label)
+
+
+def hardware_warnings(hw):
+    if hw.usage is None and not hw.missing:
+        warn(f"cannot validate GPU usage: {hw.why}")
+    elif hw.problem:
+        warn(incomplete(hw.problem))
+
+
 def cmd_status(app):
+    if app.args.all or app.args.remote:
+        return fleet_status(app)
     pool = app.pool()
-    snap = pool.snapshot()
-    provider = pool.provider()
-    try:
-        usage = provider.usage()
-        inspect_processes(usage)
-        if provider.problem:
-            warn(incomplete(provider.problem))
-    except ProviderError as e:
-        warn(f"cannot validate GPU usage: {e}")
-        usage = None
-    rows = status_rows(snap, usage, app.config["memory.threshold"], time.time())
+    snap, hw = pool_view(pool, notices=True)
+    hardware_warnings(hw)
+    for n in snap.notices:
+        tell(
+            f"reclaimed GPU {n.get('gpu')} from {n.get('actual_user') or n.get('user')}: "
+            f"idle for {format_hm(n.get('idle') or 0)}"
+        )
+    rows = status_rows(snap, hw, app.config, time.time())
+    if app.args.summary:
+        return print_summary([pool_summary(pool.label, pool.host, snap, rows)], app.args.json)
     if app.args.json:
         say(json.dumps(rows, indent=2))
         return 0
+    for line in status_table(rows, use_colour(app.args)):
+        say(line)
+    return 0
+
+
+def status_table(rows, colour=False):
+    """The lines of `status`'s table."""
     with_model = any("model" in r for r in rows)
     header = ["GPU", "STATUS", "USER", "DURATION", "TYPE", "DETAILS", "VALIDATION"]
     header += ["MODEL"] * with_model + ["NOTE"]
@@ -2768,16 +4138,184 @@ def cmd_status(app):
             r["validation"],
         ]
         if with_model:
-            line.append(r["model"]["model"] if "model" in r else "-")
+            line.append(r["model"]["model"] if isinstance(r.get("model"), dict) else "-")
         line.append(r.get("note", ""))
         table.append(line)
-    colour = use_colour(app.args)
     for line in render_table(header, table):
         if colour:
             for word, code in STATUS_COLOURS.items():
                 line = line.replace(f" {word} ", f" \x1b[{code}m{word}\x1b[0m ", 1)
+        yield line.rstrip()
+
+
+SUMMARY_HEADER = ["POOL", "HOST", "GPUS", "FREE", "IN_USE", "UNRESERVED", "QUEUED", "MODELS"]
+SSH_TIMEOUT = 30.0  # a remote `status` over ssh answers within this, or is one error line
+
+
+def pool_summary(label, host, snap, rows):
+    """One row of `status --summary`: a pool's counts."""
+    count = {s: sum(r["status"] == s for r in rows) for s in STATUS_COLOURS}
+    models = sorted({r["gpu_model"] for r in rows if r.get("gpu_model")})
+    return {
+        "pool": label,
+        "host": host,
+        "gpus": len(rows),
+        "free": count["AVAILABLE"],
+        "in_use": count["IN_USE"],
+        "unreserved": count["UNRESERVED"],
+        "queued": len(snap.queue) if snap is not None else None,
+        "models": models,
+    }
+
+
+def print_summary(summaries, as_json):
+    """`status --summary`: a row per pool, and a total row when there are several."""
+    if as_json:
+        say(json.dumps(summaries, indent=2))
+        return 0 if any("error" not in s for s in summaries) else 1
+    numbers = SUMMARY_HEADER[2:7]
+    table, total = [], dict.fromkeys(numbers, 0)
+    for s in summaries:
+        if "error" in s:
+            table.append([s["pool"], s.get("host") or "-", *["-"] * 5, f"error: {s['error']}"])
+            continue
+        cells = [s[k.lower()] for k in numbers]
+        for k, v in zip(numbers, cells):
+            total[k] += v or 0
+        cells = ["-" if v is None else str(v) for v in cells]
+        table.append([s["pool"], s["host"] or "-", *cells, ", ".join(s["models"]) or "-"])
+    if len(summaries) > 1:
+        table.append(["TOTAL", "", *[str(total[k]) for k in numbers], ""])
+    for line in render_table(SUMMARY_HEADER, table):
         say(line.rstrip())
-    return 0
+    return 0 if any("error" not in s for s in summaries) else 1
+
+
+def remote_status(host):
+    """`canhazgpu status --json` run on a host that keeps its own Redis, over ssh as
+    the Go tool does it: its rows, or the CanhazError that says why not."""
+    argv = [
+        "ssh",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=10",
+        host,
+        "canhazgpu",
+        "status",
+        "--json",
+    ]
+    try:
+        p = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=SSH_TIMEOUT
+        )
+    except FileNotFoundError:
+        return CanhazError("ssh is not installed")
+    except subprocess.TimeoutExpired:
+        return CanhazError(f"no answer over ssh within {SSH_TIMEOUT:.0f}s")
+    if p.returncode != 0:
+        lines = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
+        return CanhazError(lines[-1] if lines else f"ssh exited with {p.returncode}")
+    try:
+        rows = json.loads(p.stdout)
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError
+    except ValueError:
+        return CanhazError("`canhazgpu status --json` there printed no status")
+    return [
+        r for r in rows if isinstance(r.get("gpu_id"), int) and isinstance(r.get("status"), str)
+    ]
+
+
+def remote_statuses(hosts):
+    """{host: rows or CanhazError}, asked in parallel: a host that hangs costs its own
+    time, not everyone's."""
+    import threading
+
+    out = {}
+    threads = [
+        threading.Thread(target=lambda h=h: out.__setitem__(h, remote_status(h)), daemon=True)
+        for h in dict.fromkeys(hosts)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def fleet_blocks(app):
+    """`status --all` / `--remote`: [(label, host, snapshot or None, rows or CanhazError)],
+    the pools of this Redis and the hosts over ssh, in name order."""
+    import threading
+
+    args = app.args
+    hosts = list(args.remote or []) + (list(app.config["remote_hosts"] or []) if args.all else [])
+    remote = {}
+    asking = threading.Thread(target=lambda: remote.update(remote_statuses(hosts)), daemon=True)
+    asking.start()
+    blocks = []
+    if args.all:
+        fleet = app.fleet()
+        now = time.time()
+        for label, view in fleet.snapshots(fleet.labels()).items():
+            if isinstance(view, CanhazError):
+                host = fleet.info.get(label, {}).get("host")
+                blocks.append((label, host, None, view))
+            else:
+                pool, snap, hw = view
+                rows = status_rows(snap, hw, app.config, now)
+                blocks.append((label, pool.host or hw.remote, snap, rows))
+    asking.join()
+    for host in dict.fromkeys(hosts):
+        label = host if all(b[0] != host for b in blocks) else f"{host} (ssh)"
+        blocks.append((label, host, None, remote[host]))
+    return sorted(blocks, key=lambda b: b[0])
+
+
+def fleet_status(app):
+    blocks = fleet_blocks(app)
+    ok = [b for b in blocks if not isinstance(b[3], CanhazError)]
+    if app.args.summary:
+        summaries = [
+            {"pool": label, "host": host, "error": str(rows)}
+            if isinstance(rows, CanhazError)
+            else pool_summary(label, host, snap, rows)
+            for label, host, snap, rows in blocks
+        ]
+        return print_summary(summaries, app.args.json)
+    if app.args.json:
+        out = {
+            label: {"error": str(rows)} if isinstance(rows, CanhazError) else rows
+            for label, host, snap, rows in blocks
+        }
+        say(json.dumps(out, indent=2))
+        return 0 if ok or not blocks else 1
+    if not blocks:
+        say("No pools are registered in this Redis (`canhazgpu admin --pool NAME` adds one).")
+    colour = use_colour(app.args)
+    for k, (label, host, snap, rows) in enumerate(blocks):
+        if k:
+            say()
+        say(block_heading(label, host, snap, rows))
+        if isinstance(rows, CanhazError):
+            say(f"Error: {rows}")
+            continue
+        for line in status_table(rows, colour):
+            say(line)
+    return 0 if ok or not blocks else 1
+
+
+def block_heading(label, host, snap, rows):
+    """`== gpu-a on gpu-a.lab: 8 x NVIDIA H100 80GB HBM3, 3 free ==`"""
+    where = f" on {host}" if host and host != label else ""
+    kind = "Host" if snap is None and host == label.split(" ")[0] else "Pool"
+    if isinstance(rows, CanhazError):
+        return printable(f"== {kind} {label}{where} ==")
+    models = sorted({r["gpu_model"] for r in rows if r.get("gpu_model")})
+    free = sum(r["status"] == "AVAILABLE" for r in rows)
+    what = f"{len(rows)} x {', '.join(models)}" if models else f"{len(rows)} GPUs"
+    return printable(f"== {kind} {label}{where}: {what}, {free} free ==")
 
 
 def display_user(row, user="user", account="actual_user"):
@@ -2797,7 +4335,8 @@ def render_table(header, rows):
 def request_from_args(app, kind):
     """Build a Request from run/reserve's flags and their config defaults."""
     args, config = app.args, app.config
-    key = f"{kind_key(kind)}.gpus"
+    section = kind_key(kind)
+    key = f"{section}.gpus"
     ids, count = args.gpu_ids, config[key]
     if ids:
         # --gpu-ids on the command line beats a count from a file or the default.
@@ -2807,7 +4346,7 @@ def request_from_args(app, kind):
                 hint="give one of them, or the same number in both",
             )
         count = len(ids)
-    return Request(
+    req = Request(
         kind,
         count,
         ids=ids,
@@ -2816,6 +4355,11 @@ def request_from_args(app, kind):
         user=args.user,
         force=getattr(args, "force", False),
     )
+    # A limit refuses a length typed on the command line, and trims one from a default.
+    req.duration_given = kind == "manual" and config.source("reserve.duration").startswith("--")
+    req.timeout = config["run.timeout"] if kind == "run" else None
+    req.priority = config[f"{section}.priority"]
+    return req
 
 
 def cmd_reserve(app):
@@ -2825,15 +4369,18 @@ def cmd_reserve(app):
         # Until the ids are printed, a signal gives the GPUs back: nobody was told of
         # them, and they would stay reserved for the whole duration.
         with CancelOnSignals():
-            gpus = reserve_gpus(pool, req, *wait_options(app.config, "manual", app.args.nonblock))
+            grant = reserve_gpus(pool, req, *wait_options(app.config, "manual", app.args.nonblock))
+            gpus, duration = grant["gpus"], grant.get("duration") or req.duration
+            if grant.get("capped"):
+                tell(f"canhazgpu: reservations here last {format_span(duration)} at most")
             ids = ",".join(map(str, gpus))
             if app.args.short:
                 say(ids)
             else:
-                say(f"Reserved {len(gpus)} GPU(s): {gpus} for {format_duration(req.duration)}")
+                say(f"Reserved {len(gpus)} GPU(s): {gpus} for {format_duration(duration)}")
                 say(f"export CUDA_VISIBLE_DEVICES={ids}")
     except Interrupted:
-        pool.release(token=req.token)
+        pool.release(token=req.token, reason="cancel")
         raise
     return 0
 
@@ -2850,8 +4397,15 @@ def cmd_run(app):
     req = request_from_args(app, "run")
     find_command(args.argv[0])
     require_module("psutil", "python3-psutil")  # the supervisor needs it after the command
+    pool = app.pool()
+    if not pool.here:
+        raise UsageError(
+            f"pool {pool.label} is on {pool.host}: `run` runs the command here, on {this_host()}",
+            hint=f"run it there (ssh {pool.host} canhazgpu run ...), or hold GPUs there "
+            f"with `canhazgpu reserve --pool {pool.label}`",
+        )
     Supervisor(
-        app.pool(),
+        pool,
         req,
         args.argv,
         wait_options(config, "run", args.nonblock),
@@ -2859,6 +4413,23 @@ def cmd_run(app):
         timeout_signal=config["run.signal"],
         kill_after=config["run.kill_after"],
     ).run()
+
+
+def refusal(r):
+    """Why a GPU named with --gpu-ids was not released or extended: one line."""
+    if r["result"] == "other":
+        return f"is reserved by {display_user(r)}, not by you ({current_user()})"
+    if r["result"] == "limit":
+        return (
+            f"would last {format_span(r['length'])}; {current_user()} may reserve for "
+            f"at most {format_span(r['max'])}"
+        )
+    return {
+        "free": "is not reserved",
+        "range": "is not in the pool",
+        "run": "is held by a run, which lasts as long as its command",
+        "corrupt": "has an unreadable state in Redis (an admin can run `admin --force`)",
+    }[r["result"]]
 
 
 def cmd_release(app):
@@ -2875,52 +4446,118 @@ def cmd_release(app):
         say("No manually reserved GPUs found for current user")
     refused = [r for r in results if r["result"] != "released"]
     for r in refused:
-        if r["result"] == "other":
-            problem = f"is reserved by {display_user(r)}, not by you ({current_user()})"
-        else:
-            problem = {
-                "free": "is not reserved",
-                "range": "is not in the pool",
-                "corrupt": "has an unreadable state in Redis (an admin can run `admin --force`)",
-            }[r["result"]]
-        tell(f"Error: GPU {r['gpu']} {problem}")
+        tell(f"Error: GPU {r['gpu']} {refusal(r)}")
     return 1 if refused else 0
 
 
-def build_report(records, held, days, now):
-    """GPU hours per user over the window; in-progress reservations count from
-    their start; everything is clipped to the window.  A row is a display name and
-    the real account behind it (`--user` on a shared account); users are accounts."""
-    since = now - days * 86400
-    users = {}
-
-    def add(user, account, kind, start, end):
-        start, end = max(start or since, since), min(end or now, now)
-        if end < since or not isinstance(user, str) or not user:
-            return
-        account = account if isinstance(account, str) and account else user
-        entry = users.setdefault(
-            (user, account),
-            {"name": user, "account": account, "seconds": 0.0, "run": 0, "manual": 0},
+def cmd_extend(app):
+    """Exit 0 when a reservation was extended (refused ids are one `Error:` line each),
+    1 when none was."""
+    pool = app.pool()
+    ids = app.args.gpu_ids
+    check_ids(ids or (), pool.require())
+    results = pool.extend(app.args.duration, ids=ids)
+    extended = sorted(r["gpu"] for r in results if r["result"] == "extended")
+    for r in results:
+        if r["result"] != "extended":
+            tell(f"Error: GPU {r['gpu']} {refusal(r)}")
+    if extended:
+        soonest = min(r["expiry"] for r in results if r["result"] == "extended")
+        say(
+            f"Extended {len(extended)} GPU(s): {extended}; "
+            f"expires in {format_duration(soonest - time.time())}"
         )
-        entry["seconds"] += max(0.0, end - start)
+        return 0
+    if not results:
+        tell("Error: you hold no manual reservation to extend")
+    return 1
+
+
+REPORT_GRACE = 300  # records of the last minutes are read one by one: a host's clock may lag
+REPORT_BATCH = 5000  # records folded into the roll-ups per script call
+
+
+class Usage:
+    """GPU time per (display name, account) over a window, clipped to it."""
+
+    def __init__(self, since, now):
+        self.since, self.now = since, now
+        self.users = {}
+
+    def row(self, user, account):
+        account = account if isinstance(account, str) and account else user
+        return self.users.setdefault(
+            (user, account),
+            {"name": user, "account": account, "seconds": 0.0, "idle": 0.0, "run": 0, "manual": 0},
+        )
+
+    def add(self, user, account, kind, start, end, idle=0.0):
+        start, end = max(start or self.since, self.since), min(end or self.now, self.now)
+        if end < self.since or not isinstance(user, str) or not user:
+            return
+        entry = self.row(user, account)
+        seconds = max(0.0, end - start)
+        entry["seconds"] += seconds
+        entry["idle"] += min(max(0.0, idle), seconds)
         entry["manual" if kind == "manual" else "run"] += 1
 
-    for rec in records:
+    def add_record(self, rec):
         end = parse_time(rec.get("end_time"))
-        if end is not None and end >= since:
-            start = parse_time(rec.get("start_time"))
-            add(rec.get("user"), rec.get("actual_user"), rec.get("reservation_type"), start, end)
+        if end is not None and end >= self.since:
+            idle = rec.get("idle_seconds")
+            self.add(
+                rec.get("user"),
+                rec.get("actual_user"),
+                rec.get("reservation_type"),
+                parse_time(rec.get("start_time")),
+                end,
+                idle if isinstance(idle, (int, float)) else 0.0,
+            )
+
+    def add_sum(self, kind, account, user, seconds, count, idle):
+        """A roll-up: whole records of whole days inside the window, already summed."""
+        if isinstance(user, str) and user:
+            entry = self.row(user, account)
+            entry["seconds"] += seconds
+            entry["idle"] += idle
+            entry["manual" if kind == "manual" else "run"] += int(count)
+
+    def add_held(self, gpu, idle_after):
+        """An in-progress reservation, counted from its start; idle as free() would count it."""
+        idle = gpu.data.get("idle_seconds")
+        idle = idle if isinstance(idle, (int, float)) else 0.0
+        gap = gpu.idle_seconds(self.now)
+        if idle_after is not None and gap > idle_after:
+            idle += gap
+        self.add(gpu.user, gpu.owner, gpu.kind, gpu.time("start_time"), self.now, idle)
+
+
+def build_report(records, held, days, now, sums=(), idle_after=None):
+    """GPU hours per user over the window; in-progress reservations count from
+    their start; everything is clipped to the window.  A row is a display name and
+    the real account behind it (`--user` on a shared account); users are accounts.
+    `sums` are roll-ups of whole days: [type, account, user, seconds, count, idle]."""
+    usage = Usage(now - days * 86400, now)
+    for rec in records:
+        usage.add_record(rec)
+    for kind, account, user, seconds, count, idle in sums:
+        usage.add_sum(kind, account, user, seconds, count, idle)
     for gpu in held:
-        add(gpu.user, gpu.owner, gpu.kind, gpu.time("start_time"), now)
-    total = sum(u["seconds"] for u in users.values())
+        usage.add_held(gpu, idle_after)
+    return report_object(usage, days)
+
+
+def report_object(usage, days):
+    """The `report --json` object of a Usage."""
+    total = sum(u["seconds"] for u in usage.users.values())
     out = []
-    for u in sorted(users.values(), key=lambda u: (-u["seconds"], u["name"], u["account"])):
+    for u in sorted(usage.users.values(), key=lambda u: (-u["seconds"], u["name"], u["account"])):
         out.append(
             {
                 "name": u["name"],
                 "account": u["account"],
                 "gpu_hours": round(u["seconds"] / 3600, 4),
+                "idle_gpu_hours": round(u["idle"] / 3600, 4),
                 "percentage": round(100 * u["seconds"] / total, 2) if total else 0.0,
                 "run_count": u["run"],
                 "manual_count": u["manual"],
@@ -2929,40 +4566,156 @@ def build_report(records, held, days, now):
     return {
         "users": out,
         "total_gpu_hours": round(total / 3600, 4),
+        "total_idle_gpu_hours": round(sum(u["idle"] for u in usage.users.values()) / 3600, 4),
         "total_reservations": sum(u["run_count"] + u["manual_count"] for u in out),
         "unique_users": len({u["account"] for u in out}),
-        "start_date": rfc3339(since),
-        "end_date": rfc3339(now),
+        "start_date": rfc3339(usage.since),
+        "end_date": rfc3339(usage.now),
         "days": days,
     }
+
+
+def report_reply(pool, since, now, reply=None):
+    """The report script's reply for a pool, once every record is folded and the
+    legacy keys of old versions (the unnamed pool's) have been read."""
+    args = {
+        "since": since,
+        "upto": math.floor(now - REPORT_GRACE),
+        "batch": REPORT_BATCH,
+        "now": now,
+    }
+    while True:
+        if reply is None or reply.get("more"):
+            reply = pool.script("report", **args)
+            continue
+        if reply.get("migrated") or pool.name:
+            return reply
+        migrate_legacy(pool)
+        reply = None
+
+
+def migrate_legacy(pool):
+    """Old versions wrote each record as a key of its own (usage_history:*): move them
+    into the sorted set, once, so that no report ever scans the whole database."""
+    batch = []
+    for key in pool.store.do("scan_iter", pool.prefix + "usage_history:*", 1000):
+        batch.append(key)
+        if len(batch) == 500:
+            pool.script("migrate", keys=batch)
+            batch = []
+    pool.script("migrate", keys=batch, done=True)
 
 
 def report_for(pool, days, now=None):
     now = time.time() if now is None else now
     snap = pool.snapshot(now)
+    reply = report_reply(pool, now - days * 86400, now)
+    return report_from(pool, snap, reply, days, now)
+
+
+def report_from(pool, snap, reply, days, now):
     held = [g for g in snap.gpus if g.held and not g.partial]
-    return build_report(pool.store.history(now - days * 86400), held, days, now)
+    records = [r for r in map(json_object, reply["records"]) if r is not None]
+    idle_after = pool.config["idle.after"]
+    return build_report(records, held, days, now, reply["sums"], idle_after)
+
+
+def fleet_report(app, days, now):
+    """{label: report or CanhazError} of every pool, pipelined, and the fleet's total."""
+    fleet = app.fleet()
+    labels = fleet.labels()
+    snaps = fleet.views(labels)
+    replies = fleet.views(
+        labels,
+        "report",
+        {
+            "since": now - days * 86400,
+            "now": now,
+            "upto": math.floor(now - REPORT_GRACE),
+            "batch": REPORT_BATCH,
+        },
+    )
+    reports = {}
+    for label in labels:
+        view, rep = snaps[label], replies[label]
+        failed = next((v for v in (view, rep) if isinstance(v, CanhazError)), None)
+        if failed is not None:
+            reports[label] = failed
+            continue
+        pool, snap = view[0], Snapshot(view[1])
+        try:
+            reply = report_reply(pool, now - days * 86400, now, rep[1])
+            reports[label] = report_from(pool, snap, reply, days, now)
+        except CanhazError as e:
+            reports[label] = e
+    return reports
+
+
+def merge_reports(reports, days, now):
+    """The fleet's report: each user's time summed over the pools, with the pools it
+    used (most hours first)."""
+    usage = Usage(now - days * 86400, now)
+    pools = {}
+    for label, rep in reports.items():
+        if isinstance(rep, CanhazError):
+            continue
+        for u in rep["users"]:
+            entry = usage.row(u["name"], u["account"])
+            entry["seconds"] += u["gpu_hours"] * 3600
+            entry["idle"] += u["idle_gpu_hours"] * 3600
+            entry["run"] += u["run_count"]
+            entry["manual"] += u["manual_count"]
+            pools.setdefault((u["name"], u["account"]), []).append((u["gpu_hours"], label))
+    merged = report_object(usage, days)
+    for u in merged["users"]:
+        used = sorted(pools.get((u["name"], u["account"]), []), key=lambda p: (-p[0], p[1]))
+        u["pools"] = [label for _, label in used]
+    return merged
 
 
 def cmd_report(app):
     days = app.config["report.days"]
-    report = report_for(app.pool(), days)
+    now = time.time()
+    if app.args.all:
+        reports = fleet_report(app, days, now)
+        report = merge_reports(reports, days, now)
+        report["pools"] = {
+            label: {"error": str(rep)} if isinstance(rep, CanhazError) else rep
+            for label, rep in reports.items()
+        }
+        for label, rep in reports.items():
+            if isinstance(rep, CanhazError):
+                warn(f"pool {label}: {rep}")
+    else:
+        report = report_for(app.pool(), days, now)
     if app.args.json:
         say(json.dumps(report, indent=2))
         return 0
-    say("=== GPU Reservation Report ===")
+    print_report(report, days, fleet=app.args.all)
+    return 0
+
+
+def print_report(report, days, fleet=False):
+    say("=== GPU Reservation Report" + (" (all pools)" if fleet else "") + " ===")
     span = f"{days} day" + ("s" if days != 1 else "")
     say(f"Period: {report['start_date'][:10]} to {report['end_date'][:10]} ({span})")
     say()
-    rule = "-" * 75
-    say(f"{'User':<20} {'GPU Hours':>14} {'Percentage':>15} {'Run':>10} {'Manual':>10}")
+    columns = f"{'User':<20} {'GPU Hours':>14} {'Percentage':>15} {'Run':>10} {'Manual':>10}"
+    columns += f" {'Idle GPU Hours':>15}" + ("  Pools" if fleet else "")
+    rule = "-" * len(columns)
+    say(columns)
     say(rule)
     for u in report["users"]:
         who = printable(display_user(u, "name", "account"))
-        say(
+        line = (
             f"{who:<20} {u['gpu_hours']:>14.2f} {u['percentage']:>14.1f}% "
-            f"{u['run_count']:>10} {u['manual_count']:>10}"
+            f"{u['run_count']:>10} {u['manual_count']:>10} {u['idle_gpu_hours']:>15.2f}"
         )
+        if fleet:
+            line += "  " + printable(
+                ", ".join(u["pools"][:3]) + (" ..." if len(u["pools"]) > 3 else "")
+            )
+        say(line)
     if not report["users"]:
         say("(no reservations in this period)")
     say(rule)
@@ -2971,17 +4724,20 @@ def cmd_report(app):
     manuals = sum(u["manual_count"] for u in report["users"])
     say(
         f"{'TOTAL':<20} {report['total_gpu_hours']:>14.2f} {total_pct:>14.1f}% "
-        f"{runs:>10} {manuals:>10}"
+        f"{runs:>10} {manuals:>10} {report['total_idle_gpu_hours']:>15.2f}"
     )
     say()
     say(f"Total reservations: {report['total_reservations']}")
     say(f"Unique users: {report['unique_users']}")
-    return 0
+    if fleet:
+        say(f"Pools: {len(report['pools'])}")
 
 
 def queue_report(snap, now=None):
-    """The queue in order, in the `queue --json` shape."""
+    """The queue in order, in the `queue --json` shape, with each waiter's estimated
+    start (`eta`, RFC 3339, or null when a GPU it needs has no known end)."""
     now = time.time() if now is None else now
+    etas = queue_etas(snap, now)
     entries = []
     for pos, e in enumerate(snap.queue, 1):
         enqueued = parse_time(e.get("enqueue_time"))
@@ -2995,16 +4751,48 @@ def queue_report(snap, now=None):
                 "requested_ids": e.get("requested_ids") or None,
                 "allocated_gpus": e.get("allocated_gpus") or [],
                 "reservation_type": e.get("reservation_type"),
+                "priority": e.get("priority") if e.get("priority") in PRIORITIES else "normal",
                 "note": e.get("note"),
                 "enqueue_time": rfc3339(enqueued),
                 "waiting_seconds": round(now - enqueued) if enqueued else None,
+                "eta": rfc3339(etas.get(e.get("id"))),
             }
         )
     oldest = max((e["waiting_seconds"] or 0 for e in entries), default=0)
     return {"entries": entries, "total": len(entries), "oldest_wait_seconds": oldest}
 
 
+def queue_rows(report, pool=None):
+    """The table rows of a queue report, with a first POOL column for `--all`."""
+    rows = []
+    for e in report["entries"]:
+        wanted = e["requested_ids"]
+        requested = (
+            "GPUs " + ",".join(map(str, wanted)) if wanted else f"{e['requested_count']} GPU(s)"
+        )
+        eta = parse_time(e["eta"])
+        rows.append(
+            [pool] * (pool is not None)
+            + [
+                str(e["position"]),
+                display_user(e) if e["user"] else "?",
+                requested,
+                ",".join(map(str, e["allocated_gpus"])) or "-",
+                (e["reservation_type"] or "run").upper(),
+                e["priority"],
+                format_duration(e["waiting_seconds"] or 0),
+                f"starts by {clock(eta)}" if eta else "unknown",
+            ]
+        )
+    return rows
+
+
+QUEUE_HEADER = ["POS", "USER", "REQUESTED", "GATHERED", "TYPE", "PRIORITY", "WAITING", "ETA"]
+
+
 def cmd_queue(app):
+    if app.args.all:
+        return fleet_queue(app)
     report = queue_report(app.pool().snapshot())
     if app.args.json:
         say(json.dumps(report, indent=2))
@@ -3012,26 +4800,37 @@ def cmd_queue(app):
     if not report["total"]:
         say("The queue is empty.")
         return 0
-    rows = []
-    for e in report["entries"]:
-        wanted = e["requested_ids"]
-        requested = (
-            "GPUs " + ",".join(map(str, wanted)) if wanted else f"{e['requested_count']} GPU(s)"
-        )
-        rows.append(
-            [
-                str(e["position"]),
-                display_user(e) if e["user"] else "?",
-                requested,
-                ",".join(map(str, e["allocated_gpus"])) or "-",
-                (e["reservation_type"] or "run").upper(),
-                format_duration(e["waiting_seconds"] or 0),
-            ]
-        )
-    header = ["POS", "USER", "REQUESTED", "GATHERED", "TYPE", "WAITING"]
-    for line in render_table(header, rows):
+    for line in render_table(QUEUE_HEADER, queue_rows(report)):
         say(line.rstrip())
     say(f"Total: {report['total']} waiting")
+    return 0
+
+
+def fleet_queue(app):
+    """`queue --all`: every pool's waiters, pool by pool."""
+    fleet = app.fleet()
+    views, now = fleet.views(fleet.labels()), time.time()
+    reports = {
+        label: view if isinstance(view, CanhazError) else queue_report(Snapshot(view[1]), now)
+        for label, view in views.items()
+    }
+    if app.args.json:
+        out = {
+            k: {"error": str(v)} if isinstance(v, CanhazError) else v for k, v in reports.items()
+        }
+        say(json.dumps(out, indent=2))
+        return 0
+    rows = []
+    for label, rep in reports.items():
+        if isinstance(rep, CanhazError):
+            warn(f"pool {label}: {rep}")
+        else:
+            rows += queue_rows(rep, label)
+    if rows:
+        for line in render_table(["POOL", *QUEUE_HEADER], rows):
+            say(line.rstrip())
+    total = len(rows)
+    say(f"Total: {total} waiting in {len(reports)} pool(s)" if total else "Every queue is empty.")
     return 0
 
 
@@ -3064,38 +4863,71 @@ class WebError(Exception):
 
 
 class Site:
-    """What the web server answers, from a store (Redis's, or a DemoStore)."""
+    """What the web server answers, from a store (Redis's, or a DemoStore): this host's
+    pool, or with `fleet` every pool of the Redis (the others seen through what their
+    hosts publish)."""
 
-    def __init__(self, store, config, cache, demo=False):
+    def __init__(self, store, config, cache, pool, demo=False, fleet=False):
         self.store, self.config, self.cache = store, config, cache
-        self.page, self.csp = dashboard_page(os.uname().nodename, demo)
+        self.local, self.fleet = pool, fleet  # this host's Pool; whether to serve all
+        self.page, self.csp = dashboard_page(this_host(), demo, fleet, pool.label)
 
     def get(self, path, params):
         """(code, content type, body) for GET `path`; raises WebError or CanhazError."""
         if path == "/":
             return 200, "text/html; charset=utf-8", self.page
         if path == "/api/status":
-            return json_reply(self.rows(Pool(self.store, self.config).snapshot()))
+            pool = self.pool_of(params)
+            return json_reply(self.rows(pool, pool.snapshot()))
         if path == "/api/report":
-            pool = Pool(self.store, self.config)
+            pool = self.pool_of(params, "days")
             return json_reply(report_for(pool, self.report_days(params)))
         if path == "/api/queue":
-            return json_reply(queue_report(Pool(self.store, self.config).snapshot()))
+            return json_reply(queue_report(self.pool_of(params).snapshot()))
+        if path == "/api/pools":
+            only(params, path)
+            return json_reply(self.pools())
         if path == "/metrics":
+            only(params, path)
             return 200, METRICS_TYPE, self.metrics()
         if path == "/healthz":
             self.store.do("ping")
             return json_reply({"status": "ok"})
         raise WebError(404, f"no such page: {path}")
 
-    def rows(self, snap):
-        usage = self.cache.get(snap.provider, snap.count)
-        return status_rows(snap, usage, self.config["memory.threshold"], time.time())
+    def pool_of(self, params, *allowed):
+        """The pool a request names with ?pool= (this host's without one)."""
+        only(params, "this route", "pool", *allowed)
+        values = params.get("pool") or [self.local.label]
+        if len(values) > 1:
+            raise WebError(400, "pool is given more than once")
+        label = values[0]
+        if label == self.local.label:
+            return self.local
+        if not self.fleet:
+            raise WebError(
+                404,
+                f"this dashboard shows pool {self.local.label} only "
+                "(`canhazgpu web --fleet` shows every pool)",
+            )
+        if label != UNNAMED and not POOL_NAME.fullmatch(label):
+            raise WebError(400, f"not a pool name: {label!r}")
+        fleet = Fleet(self.store, self.config)
+        if label not in fleet.labels():
+            raise WebError(404, f"no pool named {label!r} in this Redis")
+        pool = fleet.pool(label)
+        pool.here = False  # only this host's own pool is looked at here
+        return pool
+
+    def hardware(self, pool, snap):
+        if pool is self.local:
+            return self.cache.hardware(snap.provider, snap.count)
+        return published_hardware(snap.published, pool.host or pool.label)
+
+    def rows(self, pool, snap):
+        return status_rows(snap, self.hardware(pool, snap), self.config, time.time())
 
     def report_days(self, params):
-        unknown = sorted(set(params) - {"days"})
-        if unknown:
-            raise WebError(400, f"unknown parameter {unknown[0]!r}: /api/report takes days=N")
         values = params.get("days") or [str(self.config["report.days"])]
         if len(values) > 1:
             raise WebError(400, "days is given more than once")
@@ -3107,21 +4939,53 @@ class Site:
                 f"days must be a whole number from 1 to {HISTORY_DAYS}, got {values[0]!r}",
             ) from None
 
+    def views(self):
+        """[(label, pool, snapshot, rows) or (label, None, None, CanhazError)] of the pools
+        this dashboard serves, in one round trip per Redis node."""
+        if not self.fleet:
+            snap = self.local.snapshot(required=False)
+            rows = self.rows(self.local, snap) if snap.count else []
+            return [(self.local.label, self.local, snap, rows)]
+        fleet = Fleet(self.store, self.config, self.local)
+        out = []
+        for label, view in fleet.views(fleet.labels(), observe=False).items():
+            if isinstance(view, CanhazError):
+                out.append((label, None, None, view))
+                continue
+            pool, snap = view[0], Snapshot(view[1])
+            pool.count, pool.kind = snap.count, snap.provider
+            out.append((label, pool, snap, self.rows(pool, snap) if snap.count else []))
+        return out
+
+    def pools(self):
+        """`/api/pools`: a tile per pool, where it is, what it has and how busy it is."""
+        tiles = []
+        for label, pool, snap, rows in self.views():
+            if isinstance(rows, CanhazError) or not snap.count:
+                error = str(rows) if isinstance(rows, CanhazError) else "not initialised"
+                tiles.append({"pool": label, "host": pool.host if pool else None, "error": error})
+                continue
+            tile = pool_summary(label, pool.host, snap, rows)
+            tile["idle"] = sum(bool(r.get("idle")) for r in rows)
+            tile["errors"] = sum(r["status"] == "ERROR" for r in rows)
+            tile["local"] = label == self.local.label
+            tiles.append(tile)
+        return {"pools": tiles, "local": self.local.label, "fleet": self.fleet}
+
     def metrics(self):
         out = Metrics()
         try:
-            snap = Pool(self.store, self.config).snapshot(required=False)
-            queue = queue_report(snap)
+            views = [v for v in self.views() if not isinstance(v[3], CanhazError)]
         except CanhazError:
-            snap = queue = None
+            views = None
         out.add(
             "canhazgpu_redis_up",
             "gauge",
             "1 if the pool could be read from Redis.",
-            [({}, int(snap is not None))],
+            [({}, int(views is not None))],
         )
-        if snap is not None:
-            self.pool_metrics(out, snap, queue)
+        if views is not None:
+            pool_metrics(out, views, self.cache)
         out.add(
             "canhazgpu_provider_queries_total",
             "counter",
@@ -3136,76 +5000,115 @@ class Site:
         )
         return out.text()
 
-    def pool_metrics(self, out, snap, queue):
-        rows = self.rows(snap) if snap.count else []
-        out.add(
-            "canhazgpu_pool_gpus",
-            "gauge",
-            "GPUs in the pool (0: not initialised).",
-            [({}, snap.count)],
-        )
-        if snap.count:
-            out.add(
-                "canhazgpu_provider_up",
-                "gauge",
-                "1 if the last GPU provider query worked.",
-                [({}, int(self.cache.error is None))],
-            )
-        out.add(
-            "canhazgpu_gpus",
-            "gauge",
-            "GPUs by state.",
-            [({"state": s.lower()}, sum(r["status"] == s for r in rows)) for s in STATUS_STATES],
-        )
-        out.add(
-            "canhazgpu_gpu_state",
-            "gauge",
-            "1 for the state each GPU is in, else 0.",
-            [
-                ({"gpu": r["gpu_id"], "state": s.lower()}, int(r["status"] == s))
-                for r in rows
-                for s in STATUS_STATES
-            ],
-        )
-        for what, field, help in (
-            ("used", "memory_mb", "GPU memory in use."),
-            ("total", "memory_total_mb", "GPU memory in all."),
-        ):
-            samples = [
-                ({"gpu": r["gpu_id"]}, r[field] * 2**20) for r in rows if r.get(field) is not None
-            ]
-            out.add(f"canhazgpu_gpu_memory_{what}_bytes", "gauge", help, samples)
-        self.user_metrics(out, rows)
-        out.add(
-            "canhazgpu_queue_length",
-            "gauge",
-            "Requests waiting in the queue.",
-            [({}, queue["total"])],
-        )
-        out.add(
-            "canhazgpu_queue_oldest_wait_seconds",
-            "gauge",
-            "How long the longest-waiting request has waited (0: empty queue).",
-            [({}, queue["oldest_wait_seconds"])],
-        )
 
-    @staticmethod
-    def user_metrics(out, rows):
-        """Labelled with the display name and the real account: one account using
-        --user names counts once per name, and sums by account."""
-        held, unreserved = {}, {}
+def only(params, where, *allowed):
+    """A request's query parameters: the ones a route knows, each once."""
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        takes = " and ".join(f"{a}=" for a in allowed) or "no parameters"
+        raise WebError(400, f"unknown parameter {unknown[0]!r}: {where} takes {takes}")
+
+
+def pool_metrics(out, views, cache):
+    """Every pool series, labelled with its pool: [(label, pool, snap, rows)]."""
+    live = [(label, snap, rows) for label, _, snap, rows in views if snap.count]
+    out.add(
+        "canhazgpu_pool_gpus",
+        "gauge",
+        "GPUs in the pool (0: not initialised).",
+        [({"pool": label}, snap.count) for label, _, snap, _ in views],
+    )
+    out.add(
+        "canhazgpu_provider_up",
+        "gauge",
+        "1 if the last GPU provider query (this host's pool) worked.",
+        [({"pool": views[0][0]}, int(cache.error is None))] if live else [],
+    )
+    states = [*STATUS_STATES, "IDLE"]
+    out.add(
+        "canhazgpu_gpus",
+        "gauge",
+        "GPUs by state (idle: held, and unused for longer than idle.after).",
+        [
+            ({"pool": label, "state": s.lower()}, state_count(rows, s))
+            for label, _, rows in live
+            for s in states
+        ],
+    )
+    out.add(
+        "canhazgpu_gpu_state",
+        "gauge",
+        "1 for the state each GPU is in, else 0.",
+        [
+            ({"pool": label, "gpu": r["gpu_id"], "state": s.lower()}, int(r["status"] == s))
+            for label, _, rows in live
+            for r in rows
+            for s in STATUS_STATES
+        ],
+    )
+    out.add(
+        "canhazgpu_gpu_idle_seconds",
+        "gauge",
+        "How long each held GPU has shown no use.",
+        [
+            ({"pool": label, "gpu": r["gpu_id"]}, r["idle_seconds"])
+            for label, _, rows in live
+            for r in rows
+            if "idle_seconds" in r
+        ],
+    )
+    for what, field, help in (
+        ("used", "memory_mb", "GPU memory in use."),
+        ("total", "memory_total_mb", "GPU memory in all."),
+    ):
+        samples = [
+            ({"pool": label, "gpu": r["gpu_id"]}, r[field] * 2**20)
+            for label, _, rows in live
+            for r in rows
+            if r.get(field) is not None
+        ]
+        out.add(f"canhazgpu_gpu_memory_{what}_bytes", "gauge", help, samples)
+    user_metrics(out, live)
+    queues = [(label, queue_report(snap)) for label, snap, _ in live]
+    out.add(
+        "canhazgpu_queue_length",
+        "gauge",
+        "Requests waiting in the queue.",
+        [({"pool": label}, q["total"]) for label, q in queues],
+    )
+    out.add(
+        "canhazgpu_queue_oldest_wait_seconds",
+        "gauge",
+        "How long the longest-waiting request has waited (0: empty queue).",
+        [({"pool": label}, q["oldest_wait_seconds"]) for label, q in queues],
+    )
+
+
+def state_count(rows, state):
+    if state == "IDLE":
+        return sum(bool(r.get("idle")) for r in rows)
+    return sum(r["status"] == state for r in rows)
+
+
+def user_metrics(out, live):
+    """Labelled with the display name and the real account: one account using
+    --user names counts once per name, and sums by account."""
+    held, unreserved = {}, {}
+    for label, _, rows in live:
         for r in rows:
             if r["status"] == "IN_USE":
-                who = (r["user"], r.get("actual_user") or r["user"])
+                who = (label, r["user"], r.get("actual_user") or r["user"])
                 held[who] = held.get(who, 0) + 1
             for user in r.get("unreserved_users", ()):
-                unreserved[user, user] = unreserved.get((user, user), 0) + 1
-        for name, counts, help in (
-            ("reserved", held, "GPUs each user holds a reservation on."),
-            ("unreserved", unreserved, "GPUs each user's processes use without a reservation."),
-        ):
-            samples = [({"user": u, "account": a}, n) for (u, a), n in sorted(counts.items())]
-            out.add(f"canhazgpu_user_{name}_gpus", "gauge", help, samples)
+                unreserved[label, user, user] = unreserved.get((label, user, user), 0) + 1
+    for name, counts, help in (
+        ("reserved", held, "GPUs each user holds a reservation on."),
+        ("unreserved", unreserved, "GPUs each user's processes use without a reservation."),
+    ):
+        samples = [
+            ({"pool": p, "user": u, "account": a}, n) for (p, u, a), n in sorted(counts.items())
+        ]
+        out.add(f"canhazgpu_user_{name}_gpus", "gauge", help, samples)
 
 
 def json_reply(obj, code=200):
@@ -3229,7 +5132,7 @@ class UsageCache:
         self.lock = threading.Lock()
         self.key, self.usage, self.expires = None, None, 0.0
         self.runs = self.failures = 0
-        self.error = self.news = None  # the last failure; the last warning given
+        self.error = self.news = self.problem = None  # the last failure, warning, gap
 
     def get(self, name, count):
         """{index: GpuUsage}, or None while the provider fails."""
@@ -3247,10 +5150,15 @@ class UsageCache:
                     news = incomplete(problem)
                 if news != self.news:  # say it when it starts or changes, not every window
                     warn(news or "GPU validation is back")
-                self.error, self.news = error, news
+                self.error, self.news, self.problem = error, news, problem
                 self.key = (name, count)
                 self.expires = time.monotonic() + self.ttl
             return self.usage
+
+    def hardware(self, name, count):
+        """The cached answer as a Hardware."""
+        usage = self.get(name, count)
+        return Hardware(usage, why=self.error, problem=self.problem)
 
 
 def provider_usage(name, count):
@@ -3416,27 +5324,35 @@ def web_server(site, host, port):
         ) from None
 
 
+PUBLISH_EVERY = 15.0  # seconds between the web server's looks at this host's GPUs
+
+
 def cmd_web(app):
     import threading
 
     args, config = app.args, app.config
     host, port = config["web.host"], config["web.port"]
     if args.demo:
-        site = Site(DemoStore(), config, UsageCache(demo_usage), demo=True)
+        store = DemoStore()
+        pool = Pool(store, config, name=config["pool.name"])
+        site = Site(store, config, UsageCache(demo_usage), pool, demo=True, fleet=args.fleet)
     else:
-        site = Site(app.store(), config, UsageCache(provider_usage))
+        pool = app.pool()
+        site = Site(app.store(), config, UsageCache(provider_usage), pool, fleet=args.fleet)
         try:
             site.store.do("ping")
         except CanhazError as e:
             warn(f"{e}; the dashboard says so until Redis answers")
     server = web_server(site, host, port)
+    if not args.demo and pool.here:
+        keep_publishing(Pool(site.store, config, name=pool.name), site.cache)
 
     def stop(signum, frame):
         # shutdown() waits for serve_forever(), which runs in this very thread.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    shown = os.uname().nodename if host in ("0.0.0.0", "::") else host
+    shown = this_host() if host in ("0.0.0.0", "::") else host
     shown = f"[{shown}]" if ":" in shown else shown
     demo = " with demo data" if args.demo else ""
     port = server.server_address[1]
@@ -3451,30 +5367,62 @@ def cmd_web(app):
     return 0
 
 
+def keep_publishing(pool, cache):
+    """Every 15 s, whether anyone looks or not: this host's GPUs as the provider shows
+    them, noted on idle reservations and published for viewers on other hosts (so a
+    `web` on each host is the fleet's publisher)."""
+    import threading
+
+    def loop():
+        while True:
+            try:
+                pool.require()
+                pool.publish(cache.hardware(pool.kind, pool.count))
+            except CanhazError:
+                pool.count = None  # not initialised yet, or Redis away: look again later
+            time.sleep(PUBLISH_EVERY)
+
+    threading.Thread(target=loop, name="publisher", daemon=True).start()
+
+
 # ------------------------------ demo
 
 
 class DemoStore:
-    """`web --demo`: a sample pool, queue and usage history in the shapes Redis
-    holds them, read through the same code as real data.  Times follow the clock."""
+    """`web --demo`: sample pools, queues and usage histories in the shapes Redis holds
+    them, read through the same code as real data.  Times follow the clock.  This
+    host's pool is the sample; with --fleet two more hosts' pools join it."""
 
     address = "demo data"
+    mode = "plain"
     USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "eval-bot")
+    OTHERS = {  # label: (host, GPUs, model)
+        "a100-03": ("a100-03.lab", 4, "NVIDIA A100-SXM4-40GB"),
+        "dgx-02": ("dgx-02.lab", 8, "NVIDIA H100 80GB HBM3"),
+    }
 
     def __init__(self):
+        self.t0 = time.time()
+        self.records = {
+            label: self.history_of(seed, gpus)
+            for seed, (label, (_, gpus, _)) in enumerate(self.OTHERS.items(), 43)
+        }
+        self.records[None] = self.history_of(42, 8)
+
+    def history_of(self, seed, gpus):
+        """90 days of usage records, the same on every run."""
         import random
 
-        self.t0 = time.time()
-        rng = random.Random(42)  # the same history on every run
-        self.records = []
+        rng = random.Random(seed)
+        records = []
         for day in range(90):
             for user in self.USERS:
                 if rng.random() < 0.35:
                     continue
                 start = self.t0 - day * 86400 - rng.uniform(0, 80000)
                 hours = rng.choice((0.5, 1, 2, 3, 4, 6, 8, 12)) * rng.uniform(0.6, 1.4)
-                for gpu in rng.sample(range(8), rng.choice((1, 1, 2, 4))):
-                    self.records.append(
+                for gpu in rng.sample(range(gpus), min(gpus, rng.choice((1, 1, 2, 4)))):
+                    records.append(
                         {
                             "user": user,
                             "gpu_id": gpu,
@@ -3482,86 +5430,165 @@ class DemoStore:
                             "end_time": start + hours * 3600,
                             "duration_seconds": hours * 3600,
                             "reservation_type": "manual" if rng.random() < 0.3 else "run",
+                            "idle_seconds": hours * 3600 * rng.choice((0, 0, 0, 0.2, 0.6)),
                         }
                     )
-        self.records = [h for h in self.records if h["end_time"] < self.t0]
+        return [h for h in records if h["end_time"] < self.t0]
 
-    def history(self, since):
-        return [h for h in self.records if h["end_time"] >= since]
+    @staticmethod
+    def label_of(prefix):
+        """Which demo pool a key prefix names (None: this host's, the sample)."""
+        m = re.fullmatch(re.escape(KEY) + r"\{(.*)\}:", prefix)
+        return m.group(1) if m and m.group(1) in DemoStore.OTHERS else None
+
+    def registry(self):
+        pools = {
+            UNNAMED: {
+                "host": this_host(),
+                "gpu_count": 8,
+                "provider": "nvidia",
+                "models": ["NVIDIA H100 80GB HBM3"],
+            }
+        }
+        for label, (host, gpus, model) in self.OTHERS.items():
+            pools[label] = {
+                "host": host,
+                "gpu_count": gpus,
+                "provider": "nvidia",
+                "models": [model],
+            }
+        return {label: json.dumps(info) for label, info in pools.items()}
 
     def do(self, method, *args):
-        if method != "ping":
-            raise CanhazError(f"the demo store cannot {method}")
-        return True
+        if method == "ping":
+            return True
+        if method == "hgetall" and args == (REGISTRY,):
+            return self.registry()
+        if method == "hget" and args[0] == REGISTRY:
+            return self.registry().get(args[1])
+        if method == "exists":
+            return 1
+        raise CanhazError(f"the demo store cannot {method}")
 
-    def script(self, name, now=None, **args):
+    def pipeline(self, calls):
+        return [self.do(*call) for call in calls]
+
+    def scripts(self, calls):
+        return [self.script(name, prefix, **args) for name, prefix, args in calls]
+
+    def script(self, name, prefix=KEY, now=None, **args):
+        label = self.label_of(prefix)
+        if name == "report":
+            since = args["since"]
+            records = [json.dumps(h) for h in self.records[label] if h["end_time"] >= since]
+            return {"sums": [], "records": records, "migrated": True}
         if name != "snapshot":
             raise CanhazError("the demo is read-only")
         now = time.time() if now is None else now
-        t0 = self.t0
+        states, queue, usage = demo_pool(label, self.t0, now)
+        # An absent key comes back as None, as redis-py returns the script's false.
+        raws = [json.dumps({k: v for k, v in s.items() if v}) if s else None for s in states]
+        published = json.dumps(usage) if usage else None
+        return [len(states), "nvidia", raws, [json.dumps(q) for q in queue], published, 0, []]
 
-        def run(user, started, note=""):
-            return {
-                "user": user,
-                "actual_user": user,
-                "type": "run",
-                "start_time": t0 - started,
-                "last_heartbeat": now - (now - t0) % 60,
-                "note": note,
-            }
 
-        def manual(user, started, hours, note="", actual=None):
-            return {
-                "user": user,
-                "actual_user": actual or user,
-                "type": "manual",
-                "start_time": t0 - started,
-                "expiry_time": t0 - started + hours * 3600,
-                "note": note,
-            }
+def demo_pool(label, t0, now):
+    """(states, queue, published usage) of a demo pool: the sample when label is None."""
 
+    def run(user, started, note="", gpu_active=True):
+        return {
+            "user": user,
+            "actual_user": user,
+            "type": "run",
+            "start_time": t0 - started,
+            "last_heartbeat": now - (now - t0) % 60,
+            "note": note,
+            "last_active": now - (now - t0) % 15 if gpu_active else None,
+        }
+
+    def manual(user, started, hours, note="", actual=None, active=None):
+        return {
+            "user": user,
+            "actual_user": actual or user,
+            "type": "manual",
+            "start_time": t0 - started,
+            "expiry_time": t0 - started + hours * 3600,
+            "note": note,
+            "last_active": active,
+        }
+
+    if label is None:
         states = [
             run("alice", 11530, "llama-3 8B fine-tune, lr sweep 3/5"),
             run("alice", 11530, "llama-3 8B fine-tune, lr sweep 3/5"),
-            manual("bob", 9840, 8, "notebook: attention ablations"),
-            manual("eval-bot", 1800, 2, "nightly eval", actual="svc-ml"),
+            manual("bob", 9840, 8, "notebook: attention ablations", active=now - 40),
+            manual("eval-bot", 2400, 2, "nightly eval", actual="svc-ml"),
             {"last_released": t0 - 7260},
             run("frank", 2820),
             {"last_released": t0 - 2520},
             None,
         ]
-        # An absent key comes back as None, as redis-py returns the script's false.
-        raws = [json.dumps({k: v for k, v in s.items() if v}) if s else None for s in states]
-        return [len(states), "nvidia", raws, [json.dumps(q) for q in self.queue(t0, now)]]
-
-    @staticmethod
-    def queue(t0, now):
-        """Two waiters: dave for GPUs 0 and 1, erin for GPU 2."""
-        return [
-            {
-                "id": "5b0c7d1e-demo-0001",
-                "user": "dave",
-                "actual_user": "dave",
-                "requested_count": 2,
-                "requested_ids": [0, 1],
-                "allocated_gpus": [],
-                "reservation_type": "run",
-                "note": "multi-node smoke test",
-                "enqueue_time": t0 - 372,
-                "last_heartbeat": now,
-            },
-            {
-                "id": "5b0c7d1e-demo-0002",
-                "user": "erin",
-                "actual_user": "erin",
-                "requested_count": 1,
-                "requested_ids": [2],
-                "allocated_gpus": [],
-                "reservation_type": "manual",
-                "enqueue_time": t0 - 100,
-                "last_heartbeat": now,
-            },
+        return states, demo_queue(t0, now), None
+    host, gpus, model = DemoStore.OTHERS[label]
+    if label == "dgx-02":
+        states = (
+            [run("carol", 86000, "vllm serve, team endpoint")] * 2
+            + [
+                manual("dave", 20000, 12, "debugging NCCL", active=t0 - 9000),
+                run("erin", 600),
+            ]
+            + [{"last_released": t0 - 3600 * k} for k in range(1, gpus - 3)]
+        )
+        busy = {0: (61000, "vllm"), 1: (60500, "vllm"), 3: (20480, "python3")}
+    else:
+        states = [
+            manual("erin", 3000, 4, "notebook", active=now - 10),
+            {"last_released": t0 - 600},
+            None,
+            None,
         ]
+        busy = {0: (9000, "python3"), 2: (30000, "python3")}
+    usage = {
+        i: GpuUsage(
+            i, f"GPU-{label}-{i}", model, busy.get(i, (3, ""))[0], 40960 if gpus == 4 else 81559
+        )
+        for i in range(gpus)
+    }
+    for i, (used, proc) in busy.items():
+        usage[i].processes.append(GpuProcess(50000 + i, proc, used - 500))
+    doc = usage_document(usage, "nvidia", now=now - (now - t0) % 15)
+    doc["host"] = host
+    return states, [], doc
+
+
+def demo_queue(t0, now):
+    """Two waiters on the sample pool: dave for GPUs 0 and 1, erin for GPU 2."""
+    return [
+        {
+            "id": "5b0c7d1e-demo-0001",
+            "user": "dave",
+            "actual_user": "dave",
+            "requested_count": 2,
+            "requested_ids": [0, 1],
+            "allocated_gpus": [],
+            "reservation_type": "run",
+            "note": "multi-node smoke test",
+            "enqueue_time": t0 - 372,
+            "last_heartbeat": now,
+        },
+        {
+            "id": "5b0c7d1e-demo-0002",
+            "user": "erin",
+            "actual_user": "erin",
+            "requested_count": 1,
+            "requested_ids": [2],
+            "allocated_gpus": [],
+            "reservation_type": "manual",
+            "expiry_duration": 2 * 3600 * 10**9,
+            "enqueue_time": t0 - 100,
+            "last_heartbeat": now,
+        },
+    ]
 
 
 def demo_usage(name, count):
@@ -3606,7 +5633,7 @@ def demo_usage(name, count):
 # ------------------------------ page
 
 
-def dashboard_page(host, demo):
+def dashboard_page(host, demo, fleet=False, pool=UNNAMED):
     """The page (bytes) and its Content-Security-Policy: only the page's own
     script and style run, and they talk only to this server."""
     import base64
@@ -3620,6 +5647,8 @@ def dashboard_page(host, demo):
     values = {
         "HOST": html.escape(host),
         "DEMO": "1" if demo else "0",
+        "FLEET": "1" if fleet else "0",
+        "POOL": html.escape(pool),
         "VERSION": __version__,
         "ICON": "data:image/svg+xml," + quote(WEB_LOGO),
         "LOGO": WEB_LOGO,
@@ -3669,6 +5698,29 @@ def arg_type(kind, what):
 
     convert.__name__ = what  # argparse names the type in its messages
     return convert
+
+
+def limit_type(kind, off="none"):
+    """An admin limit: a value of `kind`, or `none` (`off`) for no limit (False)."""
+
+    def convert(text):
+        if text.strip().lower() == off:
+            return False
+        try:
+            return convert_setting(kind, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{e}, or {off}") from None
+
+    convert.__name__ = kind
+    return convert
+
+
+def host_name(text):
+    """A host for ssh: never an option (`-oProxyCommand=...`) or a control character."""
+    host = text.strip()
+    if not host or host.startswith("-") or CONTROL.search(host) or re.search(r"[\s,]", host):
+        raise argparse.ArgumentTypeError(f"expected a host name, got {printable(text)!r}")
+    return host
 
 
 def plain_text(what):
@@ -3729,6 +5781,9 @@ def global_options():
             help=f"Redis database number ({default_of('redis.db')})"),
         opt("--memory-threshold", metavar="MB", type=arg_type("count0", "threshold"),
             help=f"a GPU using more memory than this is in use ({default_of('memory.threshold')})"),
+        opt("--pool", metavar="NAME", type=arg_type("pool", "pool"),
+            help="the pool to act on (default: pool.name, else the unnamed pool); "
+            "auto = this host's short name"),
         opt("--debug", action="store_true", help=argparse.SUPPRESS),
     ]  # fmt: skip
 
@@ -3747,6 +5802,9 @@ def request_options(kind):
         opt("-n", "--note", type=plain_text("note"), metavar="TEXT", help="a note shown in status"),
         opt("-u", "--user", type=plain_text("name"), metavar="NAME",
             help="display name for a shared account (ownership stays yours)"),
+        opt("--priority", choices=PRIORITIES,
+            help="queue class of this request: lower than yours lets others go first "
+            f"(default {default_of(kind + '.priority')}; you may lower it, never raise it)"),
     ]  # fmt: skip
 
 
@@ -3756,25 +5814,55 @@ JSON_OPTION = switch("-j", "--json", help="print JSON")
 def command_table():
     """The parser table: each command's name, function, help, examples and options."""
     return [
-        ("admin", cmd_admin, "initialise the GPU pool of this machine", [
+        ("admin", cmd_admin, "initialise a GPU pool; set its limits, priorities, idle policy", [
             "canhazgpu admin --gpus 8",
+            "canhazgpu admin --pool auto --gpus 8     # this host's pool in a fleet",
             "canhazgpu admin --gpus 4 --force   # ends every reservation (asks first)",
             "canhazgpu admin --gpus 4 --force --yes   # from a script: no question",
             "canhazgpu admin --gpus 4 --provider fake   # a machine without GPUs",
+            "canhazgpu admin --max-gpus 4 --max-duration 1d   # everyone's default",
+            "canhazgpu admin --max-gpus 8 --priority high --for-group ml-infra",
+            "canhazgpu admin --max-gpus none --for alice   # no cap for alice",
+            "canhazgpu admin --idle-reclaim-after 2h   # end manual reservations idle 2h",
+            "canhazgpu admin --show-limits",
         ], [
-            opt("-g", "--gpus", type=arg_type("count", "count"), required=True, metavar="N",
-                help="number of GPUs in the pool"),
+            opt("-g", "--gpus", type=arg_type("count", "count"), metavar="N",
+                help="initialise the pool with N GPUs"),
             switch("--force", help="re-initialise an existing pool, ending every reservation"),
             switch("-y", "--yes", help="with --force: do not ask on a terminal"),
             opt("-p", "--provider", choices=PROVIDERS,
                 help="how GPU usage is validated (default: detected)"),
+            opt("--max-gpus", type=limit_type("count"), metavar="N|none",
+                help="most GPUs one account holds, reserved and gathered while queued"),
+            opt("--max-duration", type=limit_type("duration"), metavar="D|none",
+                help="longest reservation, extensions included; runs get it as --timeout"),
+            opt("--priority", choices=PRIORITIES,
+                help="queue class: waiters are served high, normal, then low"),
+            OneOf([
+                opt("--for", dest="user_scope", type=plain_text("user"), metavar="USER",
+                    help="set the limits of this account (its own win over its groups')"),
+                opt("--for-group", dest="group_scope", type=plain_text("group"),
+                    metavar="GROUP", help="set the limits of this Unix group"),
+            ]),
+            switch("--clear", help="remove the limits set for --for/--for-group (or the default)"),
+            opt("--idle-reclaim-after", type=limit_type("duration", "off"), metavar="D|off",
+                help="end manual reservations idle this long (default off; idle.reclaim_after)"),
+            switch("--show-limits", help="show the limits, classes and idle policy"),
         ]),
         ("status", cmd_status, "show who holds which GPU, and who uses one unreserved", [
             "canhazgpu status",
             "canhazgpu status --json | jq '.[] | .status'",
+            "canhazgpu status --all               # every pool of the fleet",
+            "canhazgpu status --all --summary     # one line per pool",
+            "canhazgpu status --pool gpu-b",
+            "canhazgpu status --remote old-box    # a host with its own Redis, over ssh",
         ], [
             JSON_OPTION,
             switch("--no-color", help="no colours (also: NO_COLOR=1)"),
+            switch("--all", help="every pool in this Redis, and the hosts of remote_hosts"),
+            switch("--summary", help="one row per pool: free, in use, unreserved, queued"),
+            opt("--remote", action="append", type=host_name, metavar="HOST",
+                help="also show HOST's own status over ssh (repeatable)"),
         ]),
         ("run", cmd_run, "reserve GPUs, run a command on them, release them when it ends", [
             "canhazgpu run --gpus 2 -- python train.py",
@@ -3803,6 +5891,15 @@ def command_table():
             switch("-f", "--force", help="also take GPUs in use without a reservation"),
             switch("-s", "--short", help="print only the ids, e.g. 1,3"),
         ]),
+        ("extend", cmd_extend, "add time to your manual reservations", [
+            "canhazgpu extend --duration 2h            # all your manual reservations",
+            "canhazgpu extend -G 1,3 -d 30m",
+        ], [
+            opt("-G", "--gpu-ids", type=gpu_ids, metavar="IDS",
+                help="extend only these GPUs (default: all your manual reservations)"),
+            opt("-d", "--duration", type=arg_type("duration", "duration"), metavar="D",
+                required=True, help="time to add, e.g. 2h or 30m"),
+        ]),
         ("release", cmd_release, "release your reservations", [
             "canhazgpu release              # all your manual reservations",
             "canhazgpu release --gpu-ids 1,3",
@@ -3813,23 +5910,28 @@ def command_table():
         ("report", cmd_report, "GPU hours per user", [
             "canhazgpu report",
             "canhazgpu report --days 7 --json",
+            "canhazgpu report --all --days 30   # the whole fleet, with each user's pools",
         ], [
             opt("-d", "--days", type=arg_type("days", "days"), metavar="N",
                 help=f"days to cover, 1-{HISTORY_DAYS} (default {default_of('report.days')})"),
             JSON_OPTION,
+            switch("--all", help="every pool in this Redis, summed, with a report per pool"),
         ]),
-        ("queue", cmd_queue, "show who is waiting for GPUs, in order", [
+        ("queue", cmd_queue, "show who is waiting for GPUs, in order, and when they start", [
             "canhazgpu queue",
             "canhazgpu queue --json",
-        ], [JSON_OPTION]),
+            "canhazgpu queue --all",
+        ], [JSON_OPTION, switch("--all", help="the queues of every pool in this Redis")]),
         ("web", cmd_web, "serve the dashboard, a JSON API and Prometheus metrics", [
             "canhazgpu web --port 8080",
+            "canhazgpu web --fleet   # every pool of the fleet",
             "canhazgpu web --demo   # sample data, no Redis",
         ], [
             opt("--host", metavar="HOST",
                 help=f"address to listen on (default {default_of('web.host')})"),
             opt("-p", "--port", type=arg_type("port", "port"), metavar="N",
                 help=f"port (default {default_of('web.port')})"),
+            switch("--fleet", help="show every pool in this Redis, not only this host's"),
             switch("--demo", help="serve sample data without Redis"),
         ]),
     ]  # fmt: skip
@@ -3895,7 +5997,7 @@ class App:
         self.config = Config.load(args.config, flags=self.flags(args))
         self._store = self._pool = None
         self._early = None
-        if args.command in self.NEEDS_PROVIDER:
+        if args.command in self.NEEDS_PROVIDER and self.own_pool(self.config["pool.name"]):
             # Guess the provider and start its queries now, before Redis is even
             # imported: most of nvidia-smi's latency hides behind our start-up.
             guess = next((p for p in (NvidiaProvider, AmdProvider) if p.installed()), None)
@@ -3915,15 +6017,37 @@ class App:
                 flags[key] = (value, "--" + flag)
         return flags
 
+    def own_pool(self, name):
+        """Whether `name` is this host's own pool without asking Redis: the one its
+        config files name (or the unnamed pool), or its short host name."""
+        return name == self.config.file_value("pool.name") or name == this_host().split(".")[0]
+
     def store(self):
         if self._store is None:
             self._store = Store(self.config)
         return self._store
 
     def pool(self):
+        """The pool this command acts on.  Another host's pool (so the registry says) is
+        seen through what that host publishes, never through this host's GPUs."""
         if self._pool is None:
-            self._pool = Pool(self.store(), self.config, self._early)
+            name = self.config["pool.name"]
+            here, host = True, this_host()
+            if not self.own_pool(name):
+                info = json_object(self.store().do("hget", REGISTRY, name or UNNAMED)) or {}
+                if isinstance(info.get("host"), str) and info["host"] != host:
+                    here, host = False, info["host"]
+            self._pool = Pool(self.store(), self.config, self._early if here else None, name, here)
+            self._pool.host = host
         return self._pool
+
+    def fleet(self):
+        """Every pool of this Redis, this host's own among them."""
+        try:
+            here = self.pool()
+        except UsageError:  # a Cluster with no pool named here: there is no own pool
+            here = None
+        return Fleet(self.store(), self.config, here if here is not None and here.here else None)
 
     def close(self):
         if self._pool is not None:
@@ -4198,6 +6322,27 @@ h2 {
   gap: 4px 14px; align-items: center; padding: 10px 16px; border-top: 1px solid var(--border);
 }
 .q-item:first-child { border-top: 0; }
+.tiles { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 12px; }
+.tile {
+  text-align: left; cursor: pointer; background: var(--panel); border: 1px solid var(--border);
+  border-radius: 12px; padding: 10px 14px; box-shadow: var(--shadow); display: flex;
+  flex-direction: column; gap: 3px; min-width: 0;
+}
+.tile:hover { border-color: var(--accent); }
+.tile[aria-pressed="true"] {
+  border-color: var(--accent); box-shadow: inset 0 0 0 1px var(--accent);
+}
+.tile-head { display: flex; align-items: center; justify-content: space-between; gap: 8px; }
+.tile-name { font-weight: 650; overflow-wrap: anywhere; }
+.tile-counts { display: flex; flex-wrap: wrap; gap: 4px 10px; font-size: 13px; }
+.tile-count { display: inline-flex; align-items: center; gap: 5px; }
+.tile-error { color: var(--err); font-size: 13px; overflow-wrap: anywhere; }
+.pill.here { background: var(--use-bg); color: var(--use); }
+.pool-name { text-transform: none; letter-spacing: 0; color: var(--text); }
+.badges { display: flex; gap: 6px; flex-wrap: wrap; justify-content: flex-end; }
+.badge.idle { background: var(--warn-bg); color: var(--warn);
+  border-color: color-mix(in srgb, var(--warn) 35%, transparent); }
+.q-eta { font-variant-numeric: tabular-nums; }
 .q-pos { grid-area: pos; font-weight: 650; color: var(--muted); }
 .q-who { grid-area: who; min-width: 0; }
 .q-req { grid-area: req; }
@@ -4292,6 +6437,7 @@ WEB_JS = r"""
   };
   var root = document.documentElement;
   var timer = null, lastLoad = 0, days = 30, reportSeq = 0;
+  var fleet = false, localPool = "", pool = "";  // with --fleet: the pool shown below the tiles
 
   function stored(key) { try { return localStorage.getItem(key); } catch (e) { return null; } }
   function store(key, value) {
@@ -4316,6 +6462,23 @@ WEB_JS = r"""
       if (s >= u[0] && out.length < 2) { out.push(Math.floor(s / u[0]) + u[1]); s %= u[0]; }
     });
     return out.join(" ") || "0s";
+  }
+  function hm(seconds) {
+    var m = Math.floor(Math.max(0, seconds || 0) / 60);
+    return Math.floor(m / 60) + "h " + (m % 60) + "m";
+  }
+  function clock(iso) {
+    var d = new Date(iso), now = new Date();
+    var t = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    return d.toDateString() === now.toDateString() ? t
+      : d.toLocaleDateString([], { weekday: "short" }) + " " + t;
+  }
+  // An API path for the pool shown: this host's needs no parameter.
+  function api(path, extra) {
+    var query = [];
+    if (pool !== localPool) query.push("pool=" + encodeURIComponent(pool));
+    if (extra) query.push(extra);
+    return path + (query.length ? "?" + query.join("&") : "");
   }
   function userText(row) {
     if (row.actual_user && row.user && row.actual_user !== row.user) {
@@ -4381,7 +6544,7 @@ WEB_JS = r"""
   var DETAILS = [["heartbeat ", "Heartbeat"], ["expires ", "Expires"], ["free for ", "Free for"],
     ["never used", "Last used"]];
   function detail(row) {
-    var text = row.details || "";
+    var text = (row.details || "").replace(/, idle \d+h \d+m$/, "");  // a fact of its own
     if (row.status === "UNRESERVED") return ["Usage", text];
     if (row.status === "ERROR") return ["Problem", text];
     for (var i = 0; i < DETAILS.length; i++) {
@@ -4418,9 +6581,12 @@ WEB_JS = r"""
     var state = STATES[row.status] || STATES.ERROR;
     var node = el("article", "card " + state.cls);
     node.dataset.gpu = row.gpu_id;
-    var head = el("div", "card-head");
-    head.append(span("gpu-id", "GPU " + row.gpu_id), span("badge", state.label));
+    var head = el("div", "card-head"), badges = span("badges");
+    badges.append(span("badge", state.label));
+    if (row.idle) badges.append(span("badge idle", "Idle " + hm(row.idle_seconds)));
+    head.append(span("gpu-id", "GPU " + row.gpu_id), badges);
     node.append(head);
+    if (row.idle) node.classList.add("is-idle");
     if (row.gpu_model) node.append(el("div", "gpu-model", row.gpu_model));
     var user = userText(row);
     if (user) {
@@ -4439,6 +6605,7 @@ WEB_JS = r"""
     var details = detail(row);
     fact(facts, details[0], details[1]);
     fact(facts, "Model", row.model && row.model.model);
+    if (row.idle) fact(facts, "Idle", hm(row.idle_seconds) + " without use");
     fact(facts, "Validation", row.validation);
     node.append(facts);
     if (row.note) node.append(el("p", "note", row.note));
@@ -4470,8 +6637,11 @@ WEB_JS = r"""
         : plural(e.requested_count || 1, "GPU");
       var got = e.allocated_gpus && e.allocated_gpus.length
         ? "gathered " + e.allocated_gpus.join(", ") : "nothing gathered yet";
+      var wait = el("div", "q-wait num", "waiting " + ago(e.waiting_seconds));
+      wait.append(el("div", "sub q-eta", e.eta ? "starts by " + clock(e.eta) : "start unknown"));
+      if (e.priority && e.priority !== "normal") got += " · " + e.priority + " priority";
       item.append(span("q-pos num", "#" + e.position), who, el("div", "q-req", "wants " + wanted),
-        el("div", "q-got sub", got), el("div", "q-wait num", "waiting " + ago(e.waiting_seconds)));
+        el("div", "q-got sub", got), wait);
       if (e.note) item.append(el("p", "note q-note", e.note));
       list.append(item);
     });
@@ -4498,8 +6668,9 @@ WEB_JS = r"""
       var value = el("div", "r-val num", u.gpu_hours.toFixed(1) + " h");
       value.append(span("sub", u.percentage.toFixed(1) + "%"));
       var who = u.account && u.account !== u.name ? u.account + " (" + u.name + ")" : u.name;
-      row.append(el("div", "r-name", who), bar, value,
-        el("div", "r-kind sub", plural(u.run_count, "run") + " · " + u.manual_count + " manual"));
+      var kinds = plural(u.run_count, "run") + " · " + u.manual_count + " manual";
+      if (u.idle_gpu_hours) kinds += " · " + u.idle_gpu_hours.toFixed(1) + " h idle";
+      row.append(el("div", "r-name", who), bar, value, el("div", "r-kind sub", kinds));
       return row;
     }));
   }
@@ -4515,19 +6686,62 @@ WEB_JS = r"""
 
   async function loadReport() {
     var seq = ++reportSeq;  // a slow answer for an older choice must not win
-    var report = await getJSON("/api/report?days=" + days);
+    var report = await getJSON(api("/api/report", "days=" + days));
     if (seq === reportSeq) renderReport(report);
+  }
+
+  function tile(p) {
+    var node = el("button", "tile" + (p.error ? " s-error" : ""));
+    node.type = "button";
+    node.dataset.pool = p.pool;
+    node.setAttribute("aria-pressed", String(p.pool === pool));
+    var head = el("div", "tile-head");
+    head.append(span("tile-name", p.pool));
+    if (p.local) head.append(span("pill here", "this host"));
+    node.append(head, el("div", "sub", p.host || "host unknown"));
+    if (p.error) {
+      node.append(el("div", "tile-error", p.error));
+    } else {
+      node.append(el("div", "sub", (p.models || []).join(", ") || plural(p.gpus, "GPU")));
+      var counts = el("div", "tile-counts num");
+      [["free", "s-available"], ["in_use", "s-in_use"], ["unreserved", "s-unreserved"]]
+        .forEach(function (c) {
+          var part = span("tile-count " + c[1]);
+          part.append(span("swatch"), span(null, p[c[0]] + " " + c[0].replace("_", " ")));
+          counts.append(part);
+        });
+      node.append(counts, el("div", "sub", plural(p.gpus, "GPU") + " · " +
+        p.queued + " queued" + (p.idle ? " · " + p.idle + " idle" : "")));
+    }
+    node.addEventListener("click", function () { selectPool(p.pool); });
+    return node;
+  }
+
+  function renderPools(data) {
+    $("pools-count").textContent = String(data.pools.length);
+    var box = $("pools");
+    box.replaceChildren.apply(box, data.pools.map(tile));
+  }
+
+  function selectPool(label) {
+    pool = label;
+    $("pool-name").textContent = fleet ? "· " + pool : "";
+    if (fleet) history.replaceState(null, "", pool === localPool ? location.pathname
+      : "#pool=" + encodeURIComponent(pool));
+    refresh();
   }
 
   async function load() {
     $("dot").className = "dot busy";
-    var results = await Promise.allSettled(
-      [getJSON("/api/status"), getJSON("/api/queue"), loadReport()]);
+    var calls = [getJSON(api("/api/status")), getJSON(api("/api/queue")), loadReport()];
+    if (fleet) calls.push(getJSON("/api/pools"));
+    var results = await Promise.allSettled(calls);
     var errors = [];
-    var names = ["GPU status", "Queue", "Report"];
+    var names = ["GPU status", "Queue", "Report", "Pools"];
     results.forEach(function (r, i) {
       if (r.status === "rejected") errors.push([names[i], r.reason]);
     });
+    if (fleet && results[3].status === "fulfilled") renderPools(results[3].value);
     if (results[0].status === "fulfilled") renderStatus(results[0].value);
     if (results[1].status === "fulfilled") renderQueue(results[1].value);
     if (results[0].status === "fulfilled") {
@@ -4554,6 +6768,12 @@ WEB_JS = r"""
     $("host").textContent = host;
     document.title = host + " · canhazgpu";
     $("demo").hidden = document.querySelector('meta[name="canhazgpu-demo"]').content !== "1";
+    fleet = document.querySelector('meta[name="canhazgpu-fleet"]').content === "1";
+    localPool = pool = document.querySelector('meta[name="canhazgpu-pool"]').content;
+    $("pools-section").hidden = !fleet;
+    var asked = /^#pool=(.+)$/.exec(location.hash);
+    if (fleet && asked) pool = decodeURIComponent(asked[1]);
+    $("pool-name").textContent = fleet ? "· " + pool : "";
     var saved = Number(stored("canhazgpu-days"));
     setDays(saved >= 1 && saved <= 90 && Math.floor(saved) === saved ? saved : 30);
     $("refresh").addEventListener("click", refresh);
@@ -4590,6 +6810,8 @@ WEB_HTML = r"""<!doctype html>
 <meta name="color-scheme" content="dark light">
 <meta name="canhazgpu-host" content="{{HOST}}">
 <meta name="canhazgpu-demo" content="{{DEMO}}">
+<meta name="canhazgpu-fleet" content="{{FLEET}}">
+<meta name="canhazgpu-pool" content="{{POOL}}">
 <title>{{HOST}} · canhazgpu</title>
 <link rel="icon" href="{{ICON}}">
 <style>{{CSS}}</style>
@@ -4618,9 +6840,13 @@ WEB_HTML = r"""<!doctype html>
 </header>
 <main>
   <div class="banner" id="banner" role="alert" hidden></div>
+  <section id="pools-section" hidden>
+    <h2>Pools <span class="count num" id="pools-count">–</span></h2>
+    <div class="tiles" id="pools"></div>
+  </section>
   <section aria-label="Summary"><div class="stats" id="stats"></div></section>
   <section>
-    <h2>GPUs</h2>
+    <h2>GPUs <span class="pool-name" id="pool-name"></span></h2>
     <div class="grid" id="gpus" aria-busy="true"></div>
   </section>
   <section>
@@ -4649,7 +6875,8 @@ WEB_HTML = r"""<!doctype html>
 <footer>
   canhazgpu {{VERSION}} · refreshes every 30 s while visible ·
   <a href="/api/status">/api/status</a> · <a href="/api/queue">/api/queue</a> ·
-  <a href="/api/report">/api/report</a> · <a href="/metrics">/metrics</a>
+  <a href="/api/report">/api/report</a> · <a href="/api/pools">/api/pools</a> ·
+  <a href="/metrics">/metrics</a>
 </footer>
 </body>
 </html>

@@ -58,6 +58,9 @@ def store(config, fake):
     return chg.Store(config, client=fake)
 
 
+NO_HARDWARE = chg.Hardware(None, why="nvidia-smi failed")  # validation unavailable
+
+
 class StaticProvider(chg.Provider):
     """A provider whose hardware answer is fixed: {index: memory MB}."""
 
@@ -285,7 +288,9 @@ def test_far_off_times_do_not_break_readers(store, fake):
     assert chg.rfc3339(1e300) is None and chg.rfc3339(float("inf")) is None
     init_pool(store, 1)
     put(fake, 0, {"user": "bob", "type": "manual", "start_time": 1e300, "expiry_time": 1e300})
-    rows = chg.status_rows(chg.Snapshot(store.script("snapshot")), None, 1024, time.time())
+    rows = chg.status_rows(
+        chg.Snapshot(store.script("snapshot")), NO_HARDWARE, store.config, time.time()
+    )
     assert rows[0]["status"] == "IN_USE" and "expiry_time" not in rows[0]
     json.dumps(rows)
 
@@ -626,10 +631,12 @@ def test_go_held_state_reads_with_rfc3339_times(store, fake):
         },
     )
     snap = chg.Snapshot(store.script("snapshot"))
-    rows = chg.status_rows(snap, None, 1024, now)
+    rows = chg.status_rows(snap, NO_HARDWARE, store.config, now)
     assert rows[0]["status"] == "IN_USE" and rows[0]["type"] == "RUN"
     assert rows[0]["duration"] == "1h 2m 5s"
-    assert rows[0]["details"] == "heartbeat 0h 0m 5s ago"
+    # Never seen in use since its start an hour ago: idle, as far as anyone knows.
+    assert rows[0]["details"] == "heartbeat 0h 0m 5s ago, idle 1h 2m"
+    assert rows[0]["idle"] is True and rows[0]["idle_seconds"] == 3725
     assert rows[0]["last_heartbeat"] == chg.rfc3339(now - 5)
     assert rows[0]["last_heartbeat"].endswith("Z")
     assert rows[1]["details"] == "expires in 3h 15m 45s"
@@ -656,7 +663,7 @@ def test_free_states_empty_absent_userless_and_go_nulls(store, fake, config):
     )
     put(fake, 4, {"user": "bob", "type": "run", "start_time": now, "last_heartbeat": now})
     snap = chg.Snapshot(store.script("snapshot"))
-    rows = chg.status_rows(snap, None, 1024, now)
+    rows = chg.status_rows(snap, NO_HARDWARE, store.config, now)
     assert [r["status"] for r in rows] == ["AVAILABLE"] * 4 + ["IN_USE"]
     assert [r["details"] for r in rows[:3]] == ["never used"] * 3
     assert rows[3]["details"] == "free for 0h 30m 15s"
@@ -670,7 +677,7 @@ def test_unparseable_state_is_error_and_never_allocated(store, fake, config, raw
     init_pool(store, 2)
     put(fake, 0, raw)
     snap = chg.Snapshot(store.script("snapshot"))
-    rows = chg.status_rows(snap, None, 1024, time.time())
+    rows = chg.status_rows(snap, NO_HARDWARE, store.config, time.time())
     assert rows[0]["status"] == "ERROR" and rows[0]["error"]
     assert rows[1]["status"] == "AVAILABLE"
     pool = make_pool(store, config)
@@ -687,7 +694,7 @@ def test_states_with_fields_of_the_wrong_type(store, fake):
     put(fake, 1, {"user": ["bob"], "type": "run"})  # not a user: free
     put(fake, 2, {"user": "carol", "type": "manual", "expiry_time": {"t": 1}, "note": 7})
     put(fake, 3, {"user": "dave", "actual_user": 9, "type": None, "last_heartbeat": [1]})
-    rows = chg.status_rows(chg.Snapshot(store.script("snapshot")), None, 1024, now)
+    rows = chg.status_rows(chg.Snapshot(store.script("snapshot")), NO_HARDWARE, store.config, now)
     assert [r["status"] for r in rows] == ["IN_USE", "AVAILABLE", "IN_USE", "IN_USE"]
     assert rows[0]["type"] == "RUN" and rows[0]["duration"] == ""
     assert rows[3]["type"] == "RUN"
@@ -819,6 +826,10 @@ class Held:
     def __init__(self, user, kind, start):
         self.user, self.kind, self.start = user, kind, start
         self.owner = user  # the real account: no --user display name here
+        self.data = {}
+
+    def idle_seconds(self, now):
+        return 0.0
 
     def time(self, field):
         return self.start if field == "start_time" else None

@@ -619,7 +619,7 @@ def seed_report(r):
     add_record(r, "bob", 1, now - 2 * 3600, now - 3600, "manual")  # 1h manual
     add_record(r, "alice", 2, now - 10 * 86400 - 3600, now - 10 * 86400, "manual")  # 10 days ago
     add_record(r, "zed", 3, now - 100 * 86400, now - 99 * 86400)  # outside every window
-    hold(r, 4, user="carol", kind="manual", age=1800)  # in progress: 0.5h so far
+    hold(r, 4, user="carol", kind="manual", age=1800, last_active=now)  # in progress: 0.5h
 
 
 def test_report_json(cli, pool):
@@ -646,16 +646,17 @@ def test_report_table_and_total(cli, pool):
     lines = p.stdout.splitlines()
     assert lines[0] == "=== GPU Reservation Report ==="
     assert re.fullmatch(r"Period: \d{4}-\d\d-\d\d to \d{4}-\d\d-\d\d \(30 days\)", lines[1])
-    assert lines[3].split() == ["User", "GPU", "Hours", "Percentage", "Run", "Manual"]
+    header = ["User", "GPU", "Hours", "Percentage", "Run", "Manual", "Idle", "GPU", "Hours"]
+    assert lines[3].split() == header
     body = {line.split()[0]: line.split()[1:] for line in lines[5:8]}
     assert body == {
-        "alice": ["3.00", "66.7%", "1", "1"],
-        "bob": ["1.00", "22.2%", "0", "1"],
-        "carol": ["0.50", "11.1%", "0", "1"],
+        "alice": ["3.00", "66.7%", "1", "1", "0.00"],
+        "bob": ["1.00", "22.2%", "0", "1", "0.00"],
+        "carol": ["0.50", "11.1%", "0", "1", "0.00"],
     }
     assert [line.split()[0] for line in lines[5:8]] == ["alice", "bob", "carol"]
     total = next(line for line in lines if line.startswith("TOTAL"))
-    assert total.split() == ["TOTAL", "4.50", "100.0%", "1", "3"]
+    assert total.split() == ["TOTAL", "4.50", "100.0%", "1", "3", "0.00"]
     assert "Total reservations: 4" in lines and "Unique users: 3" in lines
 
 

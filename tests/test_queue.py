@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import pwd
+import re
 import select
 import signal
 import subprocess
@@ -607,8 +608,12 @@ def test_a_terminal_gets_one_live_line(cli, r, pool, waiters):
         os.close(slave)
         slave = None
         seen = read_pty(master, lambda t: "waited 0h 0m 1s" in t)
-        assert "\r\x1b[KWaiting for 1 GPU: position 1 in the queue, waited 0h 0m 0s" in seen
-        assert "\r\x1b[KWaiting for 1 GPU: position 1 in the queue, waited 0h 0m 1s" in seen
+        # The holders' reservations expire in 3 hours: the waiter starts by then.
+        line = (
+            "\r\x1b\\[KWaiting for 1 GPU: position 1 in the queue, starts by \\d\\d:\\d\\d, waited "
+        )
+        assert re.search(line + "0h 0m 0s", seen), seen
+        assert re.search(line + "0h 0m 1s", seen), seen
         release(cli, 1)
         seen += read_pty(master, lambda t: False)
         out, _ = waiters.finish(proc)
@@ -668,8 +673,19 @@ def test_queue_command_table_and_json(cli, r, pool, waiters):
     assert mine["id"] == entry_of(r, ids)["id"]
 
     lines = cli("queue", check=True).stdout.splitlines()
-    assert lines[0].split() == ["POS", "USER", "REQUESTED", "GATHERED", "TYPE", "WAITING"]
-    assert lines[1].split()[:8] == ["1", "gopher", "1", "GPU(s)", "0", "MANUAL", "1h", "1m"]
+    header = ["POS", "USER", "REQUESTED", "GATHERED", "TYPE", "PRIORITY", "WAITING", "ETA"]
+    assert lines[0].split() == header
+    assert lines[1].split()[:9] == [
+        "1",
+        "gopher",
+        "1",
+        "GPU(s)",
+        "0",
+        "MANUAL",
+        "normal",
+        "1h",
+        "1m",
+    ]
     assert lines[2].split()[:7] == ["2", ME, "(alice)", "2", "GPU(s)", "2", "MANUAL"]
     assert lines[3].split()[:5] == ["3", ME, "GPUs", "1,3", "-"]
     assert lines[4] == "Total: 3 waiting"

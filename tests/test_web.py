@@ -19,7 +19,7 @@ from conftest import REPO, free_port
 from webserver import XSS_NOTE, XSS_USER, history, seed_pool, web_servers
 
 ROUTES = ["/", "/api/status", "/api/report?days=7", "/api/queue", "/metrics", "/healthz"]
-TIME_FIELDS = ("duration", "duration_seconds", "details")
+TIME_FIELDS = ("duration", "duration_seconds", "details", "idle_seconds")
 
 
 @pytest.fixture
@@ -89,10 +89,9 @@ def test_every_route_answers_get_and_head(cli, r, fake_smi, web):
 def test_api_status_is_status_json(cli, r, fake_smi, web):
     seed_pool(cli, r, fake_smi)
     server = web()
+    mine = json.loads(cli("status", "--json", check=True).stdout)  # it notes GPU 1 in use
     api = server.get_json("/api/status")
-    assert without(api, TIME_FIELDS) == without(
-        json.loads(cli("status", "--json", check=True).stdout), TIME_FIELDS
-    )
+    assert without(api, TIME_FIELDS) == without(mine, TIME_FIELDS)
     by_id = {row["gpu_id"]: row for row in api}
     assert [by_id[i]["status"] for i in range(5)] == [
         "IN_USE", "IN_USE", "AVAILABLE", "UNRESERVED", "ERROR",
@@ -219,7 +218,7 @@ def test_pool_not_initialised_is_503_with_a_hint(cli, web):
         assert "canhazgpu admin" in got.json()["hint"]
     assert server.get("/").status == 200
     families = metric_families(server.get("/metrics").text)
-    assert samples(families, "canhazgpu_pool_gpus") == {(): 0.0}
+    assert samples(families, "canhazgpu_pool_gpus", pool="(default)") == {(): 0.0}
 
 
 def test_redis_outage_is_503_then_recovers(cli, redis_server, web):
@@ -255,7 +254,7 @@ def test_provider_failure_shows_validation_unavailable(cli, fake_smi, web):
     rows = server.get_json("/api/status")
     assert [row["validation"] for row in rows] == ["unavailable", "unavailable"]
     families = metric_families(server.get("/metrics").text)
-    assert samples(families, "canhazgpu_provider_up") == {(): 0.0}
+    assert samples(families, "canhazgpu_provider_up", pool="(default)") == {(): 0.0}
     assert samples(families, "canhazgpu_provider_query_failures") == {(): 1.0}
     assert "NVIDIA-SMI has failed" in server.stderr  # said once, in the server's log
 
@@ -312,28 +311,31 @@ def test_metrics_parse_with_prometheus_client(cli, r, fake_smi, web):
         assert name.startswith("canhazgpu_") and family.documentation, name
     assert families["canhazgpu_provider_queries"].type == "counter"
     assert samples(families, "canhazgpu_redis_up") == {(): 1.0}
-    assert samples(families, "canhazgpu_pool_gpus") == {(): 5.0}
-    assert samples(families, "canhazgpu_gpus") == {
-        "available": 0.0, "in_use": 3.0, "unreserved": 1.0, "error": 1.0,
+    pool = {"pool": "(default)"}  # every series of a pool carries its name
+    assert samples(families, "canhazgpu_pool_gpus", **pool) == {(): 5.0}
+    assert samples(families, "canhazgpu_gpus", **pool) == {
+        "available": 0.0, "in_use": 3.0, "unreserved": 1.0, "error": 1.0, "idle": 1.0,
     }  # fmt: skip
-    state = samples(families, "canhazgpu_gpu_state")
+    state = samples(families, "canhazgpu_gpu_state", **pool)
     assert len(state) == 5 * 4 and sum(state.values()) == 5
     assert {gpu for (gpu, s), v in state.items() if v == 1 and s == "in_use"} == {"0", "1", "2"}
     assert state[("3", "unreserved")] == 1 and state[("4", "error")] == 1
     me = json.loads(cli("status", "--json").stdout)[3]["unreserved_users"][0]
     # Labelled by the real account and the display name: ("account", "user").
-    assert samples(families, "canhazgpu_user_reserved_gpus") == {
+    assert samples(families, "canhazgpu_user_reserved_gpus", **pool) == {
         (me, XSS_USER): 1.0, ("alice", "alice"): 1.0, ("svc-ml", odd): 1.0,
     }  # fmt: skip
-    assert samples(families, "canhazgpu_user_unreserved_gpus") == {(me, me): 1.0}
-    assert samples(families, "canhazgpu_queue_length") == {(): 1.0}
-    assert 90 <= samples(families, "canhazgpu_queue_oldest_wait_seconds")[()] < 600
-    used = samples(families, "canhazgpu_gpu_memory_used_bytes")
+    assert samples(families, "canhazgpu_user_unreserved_gpus", **pool) == {(me, me): 1.0}
+    assert samples(families, "canhazgpu_queue_length", **pool) == {(): 1.0}
+    assert 90 <= samples(families, "canhazgpu_queue_oldest_wait_seconds", **pool)[()] < 600
+    used = samples(families, "canhazgpu_gpu_memory_used_bytes", **pool)
     assert used["1"] == 30210 * 2**20 and used["3"] == 5000 * 2**20
-    assert samples(families, "canhazgpu_gpu_memory_total_bytes")["0"] == 81559 * 2**20
+    assert samples(families, "canhazgpu_gpu_memory_total_bytes", **pool)["0"] == 81559 * 2**20
+    idle = samples(families, "canhazgpu_gpu_idle_seconds", **pool)
+    assert set(idle) == {"0", "1", "2"} and min(idle.values()) >= 0  # the held GPUs
     assert samples(families, "canhazgpu_provider_queries") == {(): 1.0}
     assert samples(families, "canhazgpu_provider_query_failures") == {(): 0.0}
-    assert samples(families, "canhazgpu_provider_up") == {(): 1.0}
+    assert samples(families, "canhazgpu_provider_up", **pool) == {(): 1.0}
 
 
 # --------------------------------------------------------------------------- cache
@@ -412,7 +414,7 @@ def test_demo_needs_no_redis(cli, web):
     assert server.get_json("/api/report?days=1")["total_gpu_hours"] < report["total_gpu_hours"]
     assert server.get_json("/healthz") == {"status": "ok"}
     families = metric_families(server.get("/metrics").text)
-    assert samples(families, "canhazgpu_pool_gpus") == {(): 8.0}
+    assert samples(families, "canhazgpu_pool_gpus", pool="(default)") == {(): 8.0}
     assert 'content="1"' in server.get("/").text.split('name="canhazgpu-demo"')[1][:20]
 
 
