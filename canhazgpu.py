@@ -1739,8 +1739,23 @@ class Store:
         watchers = {"socket_timeout": 1, "socket_connect_timeout": 1}
         if self.config["redis.sentinel_password"]:
             watchers["password"] = self.config["redis.sentinel_password"]
-        sentinel = Sentinel(self.config["redis.sentinels"], sentinel_kwargs=watchers, **options)
-        return sentinel.master_for(self.config["redis.master_name"])
+        self.sentinel = Sentinel(self.config["redis.sentinels"], sentinel_kwargs=watchers, **options)
+        return self.sentinel.master_for(self.config["redis.master_name"])
+
+    def failing_over(self, error):
+        """Whether a lost master is worth waiting for: behind Sentinel, only if some
+        Sentinel answers and knows the master's name (a typo must not wait 30 s)."""
+        if self.mode == "cluster":
+            return True
+        if self.mode != "sentinel" or type(error).__name__ != "MasterNotFoundError":
+            return self.mode == "sentinel"
+        for watcher in getattr(self, "sentinel", None).sentinels:
+            try:
+                if watcher.sentinel_get_master_addr_by_name(self.config["redis.master_name"]):
+                    return True
+            except Exception:  # that Sentinel is away too
+                continue
+        return False
 
     def failure(self, error):
         """Turn a redis-py exception into one clear line."""
@@ -1791,7 +1806,9 @@ class Store:
             try:
                 return attempt(replay)
             except lost as e:
-                if self.mode == "plain" or not patient or isinstance(e, redis.AuthenticationError):
+                if not patient or isinstance(e, redis.AuthenticationError):
+                    raise self.failure(e) from None
+                if give_up is None and not self.failing_over(e):
                     raise self.failure(e) from None
                 now = time.monotonic()
                 if give_up is None:
@@ -1869,10 +1886,12 @@ class Store:
                 if isinstance(reply, Exception):
                     raise reply
                 if isinstance(acked, int) and acked < wait:
-                    self.tell_once(
-                        f"no replica confirmed the change within "
-                        f"{self.config['redis.wait_timeout']} ms; a failover now could lose it"
-                    )
+                    self._replicas = None  # a replica gone (or a new master): ask again
+                    if self.replicas() > acked:
+                        self.tell_once(
+                            f"no replica confirmed the change within "
+                            f"{self.config['redis.wait_timeout']} ms; a failover now could lose it"
+                        )
                 return reply
             except redis.exceptions.NoScriptError:
                 if loaded:
@@ -2744,7 +2763,11 @@ class Pool:
             "version": __version__,
             "updated": time.time(),
         }
-        self.store.do("hset", REGISTRY, self.label, json.dumps(info))
+        # The mark that says it is fresh, so that commands refresh it once a minute at most.
+        self.store.pipeline(
+            [("hset", REGISTRY, self.label, json.dumps(info)),
+             ("set", self.prefix + "registered", info["updated"], REGISTRY_EVERY)]
+        )  # fmt: skip
 
     def allocate(self, req, block=False, entry=None, wait=None, fresh=False):
         """One atomic allocation step; see LUA_ALLOCATE for the replies.  `fresh`: a

@@ -16,12 +16,17 @@ def me():
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-def init_pool(r, gpus=8, provider="nvidia"):
+def prefix(pool=None):
+    """The key prefix of a pool: the Go layout for the unnamed one, a hash tag for a named one."""
+    return f"{KEY}{{{pool}}}:" if pool else KEY
+
+
+def init_pool(r, gpus=8, provider="nvidia", pool=None):
     """An initialised pool without running `admin` (faster; admin has its own tests)."""
-    r.mset({KEY + "gpu_count": gpus, KEY + "provider": provider})
+    r.mset({prefix(pool) + "gpu_count": gpus, prefix(pool) + "provider": provider})
 
 
-def hold(r, gpu, user="bob", kind="run", actual=None, age=3600, **fields):
+def hold(r, gpu, user="bob", kind="run", actual=None, age=3600, pool=None, **fields):
     """Write a reservation of GPU `gpu` the way canhazgpu does (Unix-seconds numbers)."""
     now = time.time()
     st = {
@@ -35,36 +40,36 @@ def hold(r, gpu, user="bob", kind="run", actual=None, age=3600, **fields):
     if kind == "manual":
         st["expiry_time"] = now + 3 * 3600
     st.update(fields)
-    r.set(f"{KEY}gpu:{gpu}", json.dumps({k: v for k, v in st.items() if v is not None}))
+    r.set(f"{prefix(pool)}gpu:{gpu}", json.dumps({k: v for k, v in st.items() if v is not None}))
     return st
 
 
-def gpu(r, i):
+def gpu(r, i, pool=None):
     """GPU `i`'s state, {} when it has none."""
-    return gpu_state(r, i) or {}
+    return gpu_state(r, i, pool) or {}
 
 
-def gpu_state(r, gpu):
-    raw = r.get(f"{KEY}gpu:{gpu}")
+def gpu_state(r, gpu, pool=None):
+    raw = r.get(f"{prefix(pool)}gpu:{gpu}")
     return None if raw is None else json.loads(raw)
 
 
-def holders(r, gpus=8):
+def holders(r, gpus=8, pool=None):
     """{gpu: state} of the GPUs that are held."""
     out = {}
     for i in range(gpus):
-        st = gpu_state(r, i)
+        st = gpu_state(r, i, pool)
         if st and st.get("user"):
             out[i] = st
     return out
 
 
-def history(r):
+def history(r, pool=None):
     """The usage records, oldest first."""
-    return [json.loads(m) for m in r.zrange(KEY + "usage_history_sorted", 0, -1)]
+    return [json.loads(m) for m in r.zrange(prefix(pool) + "usage_history_sorted", 0, -1)]
 
 
-def add_record(r, user, gpu, start, end, kind="run"):
+def add_record(r, user, gpu, start, end, kind="run", pool=None, **fields):
     rec = {
         "user": user,
         "gpu_id": gpu,
@@ -72,8 +77,9 @@ def add_record(r, user, gpu, start, end, kind="run"):
         "end_time": end,
         "duration_seconds": end - start,
         "reservation_type": kind,
+        **fields,
     }
-    r.zadd(KEY + "usage_history_sorted", {json.dumps(rec): end})
+    r.zadd(prefix(pool) + "usage_history_sorted", {json.dumps(rec): end})
 
 
 # What any command that looks at the pool may write: the provider answer it publishes,
