@@ -249,11 +249,11 @@ SETTINGS = {
     "run.signal": ("signal", int(signal.SIGINT), None),
     "run.kill_after": ("duration", 30.0, None),
     "run.wait": ("duration", None, None),
-    "run.priority": ("priority", "normal", None),
+    "run.priority": ("priority", None, None),  # None: the account's class
     "reserve.gpus": ("count", 1, None),
     "reserve.duration": ("duration", 8 * 3600.0, None),
     "reserve.wait": ("duration", None, None),
-    "reserve.priority": ("priority", "normal", None),
+    "reserve.priority": ("priority", None, None),
     "report.days": ("days", 30, None),
     "web.host": ("str", "0.0.0.0", None),
     "web.port": ("port", 8080, None),
@@ -848,7 +848,9 @@ local function free(i, reason)
     local rec = {user = st.user, actual_user = st.actual_user, gpu_id = i, start_time = start,
       end_time = NOW, duration_seconds = math.max(0, NOW - start),
       reservation_type = str(st.type) and st.type or 'run', end_reason = reason}
-    local idle = (tonumber(st.idle_seconds) or 0) + idle_gap(st)
+    -- The span that got a reservation reclaimed is idle time, however short the policy.
+    local gap = reason == 'idle' and NOW - busy_since(st) or idle_gap(st)
+    local idle = (tonumber(st.idle_seconds) or 0) + gap
     if idle > 0 then rec.idle_seconds = math.min(idle, rec.duration_seconds) end
     -- Scored in whole seconds, as the Go tool reads up to the current whole second;
     -- the record keeps the exact times.
@@ -1438,7 +1440,7 @@ end
 
 -- The terms this account may have: its class, its longest reservation, its GPUs.
 local class = rule(R, 'priority') or 'normal'
-local asked = R.priority or 'normal'
+local asked = R.priority or class
 if (CLASS[asked] or 2) > (CLASS[class] or 2) then
   return reply({status = 'invalid', reason = 'priority', class = class})
 end
@@ -1739,7 +1741,9 @@ class Store:
         watchers = {"socket_timeout": 1, "socket_connect_timeout": 1}
         if self.config["redis.sentinel_password"]:
             watchers["password"] = self.config["redis.sentinel_password"]
-        self.sentinel = Sentinel(self.config["redis.sentinels"], sentinel_kwargs=watchers, **options)
+        self.sentinel = Sentinel(
+            self.config["redis.sentinels"], sentinel_kwargs=watchers, **options
+        )
         return self.sentinel.master_for(self.config["redis.master_name"])
 
     def failing_over(self, error):
@@ -2525,7 +2529,7 @@ class Request:
         self.duration, self.note, self.force = duration, note, force
         self.duration_given = False  # the user chose the duration: a limit refuses, not trims
         self.timeout = None  # a run's --timeout, seconds
-        self.priority = "normal"
+        self.priority = None  # the queue class asked for: None is the account's own
         self.actual_user = current_user()
         self.user = user or self.actual_user
         self.groups = None  # the account's groups, looked up when first needed
@@ -2920,7 +2924,11 @@ class CancelOnSignals:
     the caller ignored (nohup's SIGHUP) stays ignored."""
 
     def __enter__(self):
+        import threading
+
         self.saved = {}
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals reach only the main thread (the Python API, in a thread)
         for sig in CANCEL_SIGNALS:
             if signal.getsignal(sig) != signal.SIG_IGN:
                 self.saved[sig] = signal.signal(sig, self._raise)
@@ -3137,6 +3145,25 @@ def queue_etas(snap, now):
         for i in [*have, *picked]:
             free_at[i] = eta + duration if eta is not None and duration else None
     return etas
+
+
+def gpu_environment(ids, kind, current):
+    """The variables that give a program these GPUs: CUDA_VISIBLE_DEVICES replaced (never
+    added to), in ascending order, and CUDA_DEVICE_ORDER=PCI_BUS_ID unless `current` sets
+    it, so that CUDA numbers GPUs as nvidia-smi does.  On AMD, ROCm filters by
+    ROCR_VISIBLE_DEVICES first, then reads HIP_VISIBLE_DEVICES and CUDA_VISIBLE_DEVICES
+    (the same for HIP) as indices among the GPUs left, so both are 0..n-1: the reserved
+    ids there would hide every GPU but the first."""
+    listed = ",".join(map(str, sorted(ids)))
+    env = {"CUDA_VISIBLE_DEVICES": listed, "CANHAZGPU_GPU_IDS": listed}
+    if "CUDA_DEVICE_ORDER" not in current:
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    if kind == "amd":
+        env["ROCR_VISIBLE_DEVICES"] = listed
+        env["HIP_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] = ",".join(
+            map(str, range(len(ids)))
+        )
+    return env
 
 
 def reserve_gpus(pool, req, block, wait):
@@ -3547,19 +3574,9 @@ class Supervisor:
     # -- the command
 
     def environment(self):
-        """CUDA_VISIBLE_DEVICES replaced (never added to), in ascending order.  On AMD,
-        ROCm filters by ROCR_VISIBLE_DEVICES first, and then reads HIP_VISIBLE_DEVICES
-        and CUDA_VISIBLE_DEVICES (the same for HIP) as indices among the GPUs left, so
-        both are 0..n-1: the reserved ids there would hide every GPU but the first."""
+        """The caller's environment, with the GPUs' variables replaced."""
         env = dict(os.environ)
-        ids = ",".join(map(str, sorted(self.ids)))
-        env["CUDA_VISIBLE_DEVICES"] = ids
-        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's numbering = nvidia-smi's
-        if self.pool.kind == "amd":
-            env["ROCR_VISIBLE_DEVICES"] = ids
-            within = ",".join(map(str, range(len(self.ids))))
-            env["HIP_VISIBLE_DEVICES"] = env["CUDA_VISIBLE_DEVICES"] = within
-        env["CANHAZGPU_GPU_IDS"] = ids
+        env.update(gpu_environment(self.ids, self.pool.kind, env))
         return env
 
     def start(self):
@@ -4057,8 +4074,9 @@ def hardware_fields(g):
 
 def held_fields(gpu, now, idle_after):
     start = gpu.time("start_time")
-    idle = int(gpu.idle_seconds(now))
+    idle = gpu.idle_seconds(now)
     is_idle = idle > idle_after and not gpu.partial
+    idle = int(idle)
     details = held_details(gpu, now)
     if is_idle:
         details = f"{details}, idle {format_hm(idle)}" if details else f"idle {format_hm(idle)}"
@@ -5058,6 +5076,13 @@ def pool_metrics(out, views, cache):
             for s in states
         ],
     )
+    gpu_metrics(out, live)
+    user_metrics(out, live)
+    queue_metrics(out, live)
+
+
+def gpu_metrics(out, live):
+    """The series of each GPU: its state, idle time and memory."""
     out.add(
         "canhazgpu_gpu_state",
         "gauge",
@@ -5091,7 +5116,9 @@ def pool_metrics(out, views, cache):
             if r.get(field) is not None
         ]
         out.add(f"canhazgpu_gpu_memory_{what}_bytes", "gauge", help, samples)
-    user_metrics(out, live)
+
+
+def queue_metrics(out, live):
     queues = [(label, queue_report(snap)) for label, snap, _ in live]
     out.add(
         "canhazgpu_queue_length",
@@ -5552,6 +5579,11 @@ def demo_pool(label, t0, now):
             None,
         ]
         return states, demo_queue(t0, now), None
+    return demo_other_pool(label, t0, now, run, manual)
+
+
+def demo_other_pool(label, t0, now, run, manual):
+    """A demo pool of another host: its states, no queue, and what that host published."""
     host, gpus, model = DemoStore.OTHERS[label]
     if label == "dgx-02":
         states = (
@@ -5826,8 +5858,8 @@ def request_options(kind):
         opt("-u", "--user", type=plain_text("name"), metavar="NAME",
             help="display name for a shared account (ownership stays yours)"),
         opt("--priority", choices=PRIORITIES,
-            help="queue class of this request: lower than yours lets others go first "
-            f"(default {default_of(kind + '.priority')}; you may lower it, never raise it)"),
+            help="queue class of this request (default: your class, normal unless an admin "
+            "set another); you may lower it, never raise it"),
     ]  # fmt: skip
 
 
@@ -6045,6 +6077,14 @@ class App:
         config files name (or the unnamed pool), or its short host name."""
         return name == self.config.file_value("pool.name") or name == this_host().split(".")[0]
 
+    @classmethod
+    def for_api(cls, config):
+        """An App for the Python API: its config, no command line."""
+        app = cls.__new__(cls)
+        app.args, app.config = argparse.Namespace(command=None), config
+        app._store = app._pool = app._early = None
+        return app
+
     def store(self):
         if self._store is None:
             self._store = Store(self.config)
@@ -6153,6 +6193,127 @@ def report_error(error, args):
     tell(f"Error: {error}")
     if error.hint:
         tell(f"Hint: {error.hint}")
+
+
+# ------------------------------ the Python API
+#
+#     import canhazgpu
+#     with canhazgpu.gpus(2, duration="4h", note="sweep") as ids:   # before importing torch
+#         ...
+#
+# The same settings (CANHAZGPU_* variables, config files) and identity as the command
+# line; errors are canhazgpu.Error with the message the CLI prints.
+
+Error = CanhazError
+
+
+class Held:
+    """GPUs reserved from Python (canhazgpu.reserve()): `ids`, `expires_at` (Unix s),
+    `extend(duration)`, `release()`; a context manager that releases on exit.  While
+    held, os.environ gives them to what the program starts or imports next."""
+
+    def __init__(self, pool, req, grant):
+        self.pool, self.token = pool, req.token
+        self.ids = list(grant["gpus"])
+        self.expires_at = time.time() + (grant.get("duration") or req.duration)
+        self.released = False
+        wanted = gpu_environment(self.ids, pool.kind, os.environ)
+        self._saved = {key: os.environ.get(key) for key in wanted}
+        os.environ.update(wanted)
+
+    def __repr__(self):
+        state = "released" if self.released else f"until {rfc3339(self.expires_at)}"
+        return f"<canhazgpu.Held GPUs {self.ids} {state}>"
+
+    def extend(self, duration):
+        """Add `duration` ('2h', or seconds) to this reservation, within the limits."""
+        if self.released:
+            raise Error("this reservation was released")
+        results = self.pool.extend(api_duration(duration, "duration"), token=self.token)
+        done = [r for r in results if r["result"] == "extended"]
+        if not done:
+            refused = next((r for r in results if r["result"] == "limit"), None)
+            why = f"GPU {refused['gpu']} {refusal(refused)}" if refused else "it has ended"
+            raise Error(f"cannot extend GPUs {self.ids}: {why}")
+        self.expires_at = min(r["expiry"] for r in done)
+        return self.expires_at
+
+    def release(self):
+        """Give the GPUs back (again: nothing happens) and restore os.environ."""
+        if self.released:
+            return
+        self.released = True
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self.pool.release(token=self.token)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def api_duration(value, what):
+    """'4h' or seconds (a number) -> seconds, or Error."""
+    try:
+        return parse_duration(value) if isinstance(value, str) else parse_duration(f"{value}s")
+    except ValueError as e:
+        raise UsageError(f"{what}: {e}") from None
+
+
+def reserve(gpus=1, ids=None, duration=None, note=None, wait=None, user=None, pool=None,
+            force=False, priority=None):  # fmt: skip
+    """Reserve GPUs as `canhazgpu reserve` does, waiting in the queue unless `wait`
+    bounds it (0: not at all).  Returns a Held.  Raises canhazgpu.Error."""
+    config = Config.load(flags={"pool.name": (pool, "pool=")} if pool else None)
+    if ids is not None:
+        ids = sorted(set(int(i) for i in ids))
+    req = Request(
+        "manual",
+        len(ids) if ids else int(gpus),
+        ids=ids,
+        duration=api_duration(duration, "duration") if duration else config["reserve.duration"],
+        note=note,
+        user=user,
+        force=force,
+    )
+    req.duration_given = duration is not None
+    req.priority = priority_setting(priority) if priority else None
+    seconds = None if wait is None else (0 if not wait else api_duration(wait, "wait"))
+    app = App.for_api(config)
+    held_pool = app.pool()
+    try:
+        grant = acquire(held_pool, req, block=seconds != 0, wait=seconds or None)
+    except Interrupted as e:
+        if e.signum == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        signal.raise_signal(e.signum)  # its own handler again, as if we had never caught it
+        raise
+    return Held(held_pool, req, grant)
+
+
+class gpus:  # noqa: N801 - a function to its users: `with canhazgpu.gpus(2) as ids:`
+    """with canhazgpu.gpus(2, duration="4h", note="sweep") as ids: ...
+
+    Reserves (as reserve() does, with the same arguments), sets CUDA_VISIBLE_DEVICES
+    and CUDA_DEVICE_ORDER in os.environ, gives the ids to the block, and releases them
+    when the block ends: normally, by an exception or by a Ctrl-C."""
+
+    def __init__(self, count=1, **options):
+        self.count, self.options, self.held = count, options, None
+
+    def __enter__(self):
+        self.held = reserve(self.count, **self.options)
+        return self.held.ids
+
+    def __exit__(self, *exc):
+        self.held.release()
+        return False
 
 
 # ============================================================================

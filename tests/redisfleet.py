@@ -122,8 +122,10 @@ class SentinelTopology(Topology):
         for port in self.sentinel_ports:
             s = client(port)
             wait_until(
-                lambda s=s: len(s.execute_command("SENTINEL", "REPLICAS", MASTER_NAME)) == 1
-                and len(s.execute_command("SENTINEL", "SENTINELS", MASTER_NAME)) == 2,
+                lambda s=s: (
+                    len(s.execute_command("SENTINEL", "REPLICAS", MASTER_NAME)) == 1
+                    and len(s.execute_command("SENTINEL", "SENTINELS", MASTER_NAME)) == 2
+                ),
                 30,
                 f"sentinel on {port} to know the replica and the other sentinels",
             )

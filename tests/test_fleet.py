@@ -74,7 +74,8 @@ def test_named_pools_and_a_go_pool_share_one_redis(cli, r, fake_smi):
     assert doc["gpu-b"][1]["note"] == "sweep"
 
     lines = cli("status", "--all", "--summary", check=True).stdout.splitlines()
-    assert lines[0].split() == ["POOL", "HOST", "GPUS", "FREE", "IN_USE", "UNRESERVED", "QUEUED", "MODELS"]
+    header = ["POOL", "HOST", "GPUS", "FREE", "IN_USE", "UNRESERVED", "QUEUED", "MODELS"]
+    assert lines[0].split() == header
     assert lines[2].split()[:7] == ["gpu-a", HOST, "2", "0", "2", "0", "0"]
     assert lines[3].split()[:7] == ["gpu-b", HOST, "4", "2", "2", "0", "0"]
     assert lines[4].split() == ["TOTAL", "8", "3", "5", "0", "0"]
@@ -159,8 +160,10 @@ def test_another_hosts_pool_is_seen_through_what_it_published(cli, r, fake_smi):
 
     publish(r)
     rows = json.loads(cli("status", "--pool", "gpu-b", "--json", check=True).stdout)
-    assert [row["status"] for row in rows] == ["AVAILABLE", "UNRESERVED", "AVAILABLE", "AVAILABLE"]
-    assert rows[1]["unreserved_users"] == ["mallory"] and rows[1]["validation"] == "9000MB, 1 process"
+    assert [r["status"] for r in rows] == ["AVAILABLE", "UNRESERVED", "AVAILABLE", "AVAILABLE"]
+    assert (
+        rows[1]["unreserved_users"] == ["mallory"] and rows[1]["validation"] == "9000MB, 1 process"
+    )
 
     # reserve --pool uses the published answer for the unreserved check.
     p = cli("reserve", "--pool", "gpu-b", "-g", 3, "--short", check=True)

@@ -75,7 +75,20 @@ def test_no_definition_names_one_of_a_later_section():
         if not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             continue
         here = section_of(node.lineno, heads)
-        for name in {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}:
+        # A name the definition binds itself (a local variable, an argument) is its own.
+        local = {
+            n.id
+            for n in ast.walk(node)
+            if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)
+        }
+        local |= {
+            a.arg
+            for n in ast.walk(node)
+            if isinstance(n, ast.arguments)
+            for a in (*n.posonlyargs, *n.args, *n.kwonlyargs, n.vararg, n.kwarg)
+            if a
+        }
+        for name in {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} - local:
             there = where.get(name)
             if there and there != DATA and order[there] > order[here]:
                 upward.append(f"{node.name} ({here}) names {name} ({there})")
