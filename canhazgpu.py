@@ -677,7 +677,7 @@ local A = cjson.decode(ARGV[1])
 local NOW = tonumber(A.now)
 local ARRAYS = {allocated_gpus = true, requested_ids = true, gpus = true, lost = true,
   have = true, released = true, results = true, reasons = true, groups = true,
-  reclaimed = true, sums = true, long = true, records = true}
+  reclaimed = true, sums = true, crossing = true, records = true}
 local CLASS = {low = 1, normal = 2, high = 3}
 
 local function enc(v, key)
@@ -810,29 +810,43 @@ local function idle_gap(st)
   return 0
 end
 
--- Per-day roll-ups of the usage records, for reports that never read every record:
--- usage_day:{day of the record's end} holds s<who> (seconds), n<who> (count) and
--- i<who> (idle seconds), who = JSON [type, account, user], for records that began and
--- ended that day; a record that spans midnight (or is odd) is kept whole as a field
--- L<record>, for the report to clip to its window.
+-- Per-day roll-ups of the usage records, for reports that never read every record.
+-- usage_day:{day} holds, for who = JSON [type, account, user]: s<who> the seconds used
+-- that day (a record that spans midnight is split over its days) and i<who> the idle
+-- seconds among them; n<who> the records that ended that day; C<record> for each record
+-- that crossed into the day from the one before (a report clips those at its start);
+-- and L<record> for a record too odd to split (kept whole, clipped like the others).
+local function day_key(day) return P .. 'usage_day:' .. day_name(day) end
+
 local function fold_record(raw, score)
   local r = decode(raw)
   if not r or not str(r.user) then return end
-  local day = math.floor(score / 86400)
-  local key = P .. 'usage_day:' .. day_name(day)
+  local last = math.floor(score / 86400)
   local start, stop = ts(r.start_time), ts(r.end_time)
-  if not start or not stop or math.floor(stop) ~= math.floor(score) or start < day * 86400
-      or stop < start then
-    redis.call('HSET', key, 'L' .. raw, 1)
+  local touched = {last}
+  if not start or not stop or math.floor(stop) ~= math.floor(score) or stop < start then
+    redis.call('HSET', day_key(last), 'L' .. raw, 1)
   else
     local kind = r.reservation_type == 'manual' and 'manual' or 'run'
     local who = cjson.encode({kind, str(r.actual_user) and r.actual_user or r.user, r.user})
-    redis.call('HINCRBYFLOAT', key, 's' .. who, stop - start)
-    redis.call('HINCRBY', key, 'n' .. who, 1)
-    local idle = math.min(tonumber(r.idle_seconds) or 0, stop - start)
-    if idle > 0 then redis.call('HINCRBYFLOAT', key, 'i' .. who, idle) end
+    local total = stop - start
+    local idle = math.min(tonumber(r.idle_seconds) or 0, total)
+    local first = math.floor(start / 86400)
+    for day = math.max(first, last - A.history_days), last do
+      local part = math.min(stop, (day + 1) * 86400) - math.max(start, day * 86400)
+      local key = day_key(day)
+      if part > 0 then
+        redis.call('HINCRBYFLOAT', key, 's' .. who, part)
+        if idle > 0 then redis.call('HINCRBYFLOAT', key, 'i' .. who, idle * part / total) end
+      end
+      if day > first then redis.call('HSET', key, 'C' .. raw, 1) end
+      touched[#touched + 1] = day
+    end
+    redis.call('HINCRBY', day_key(last), 'n' .. who, 1)
   end
-  redis.call('EXPIREAT', key, (day + 1 + A.history_days) * 86400)
+  for _, day in ipairs(touched) do
+    redis.call('EXPIREAT', day_key(day), (day + 1 + A.history_days) * 86400)
+  end
 end
 
 local function folded_upto()
@@ -1541,10 +1555,11 @@ return queued(ahead, have, still)
 #   A:     since (s, the window's start), upto (fold the records scored up to here),
 #          batch (fold at most this many records in one call).
 #   reply: {more = true} when records are left to fold (call again); else {sums =
-#          [[type, account, user, seconds, count, idle seconds]] of the records that
-#          began and ended on the window's whole days, records = [the JSON of every
-#          record to clip one by one: those of the window's first day, those not
-#          folded yet, and the roll-ups' L records], migrated (legacy keys are read)}.
+#          [[type, account, user, seconds, count, idle seconds]] of the window's whole
+#          days (from `split`, the midnight after its start), records = [the JSON of
+#          each record to clip one by one: those that ended before `split`, those not
+#          folded yet, the odd ones], crossing = [the JSON of the folded records that
+#          ran over `split`: the part before it is theirs to add], split, migrated}.
 LUA_REPORT = r"""
 local H = P .. 'usage_history_sorted'
 local function num(v) return string.format('%.17g', v) end
@@ -1576,7 +1591,7 @@ end
 
 local since = tonumber(A.since)
 local d1 = (math.floor(since / 86400) + 1) * 86400
-local records, acc, order = {}, {}, {}
+local records, crossing, acc, order = {}, {}, {}, {}
 local function exact(lo, hi)
   for _, raw in ipairs(redis.call('ZRANGEBYSCORE', H, lo, hi)) do records[#records + 1] = raw end
 end
@@ -1589,6 +1604,8 @@ if W >= d1 then
       local metric, who = string.sub(flat[k], 1, 1), string.sub(flat[k], 2)
       if metric == 'L' then
         records[#records + 1] = who
+      elseif metric == 'C' then
+        if day == d1 / 86400 then crossing[#crossing + 1] = who end
       else
         if not acc[who] then acc[who] = {s = 0, n = 0, i = 0}; order[#order + 1] = who end
         acc[who][metric] = acc[who][metric] + tonumber(flat[k + 1])
@@ -1603,7 +1620,7 @@ for _, who in ipairs(order) do
   local w, a = cjson.decode(who), acc[who]
   sums[#sums + 1] = {w[1], w[2], w[3], a.s, a.n, a.i}
 end
-return enc({sums = sums, records = records,
+return enc({sums = sums, records = records, crossing = crossing, split = d1,
   migrated = redis.call('EXISTS', P .. 'legacy_migrated') == 1})
 """
 
@@ -2101,6 +2118,8 @@ class Provider:
     @staticmethod
     def create(name, count=None):
         kinds = {"nvidia": NvidiaProvider, "amd": AmdProvider, "fake": FakeProvider}
+        if name == "nvidia" and NvmlProvider.load() is not None:
+            return NvmlProvider(count)
         if name not in kinds:
             raise CanhazError(
                 f"unknown GPU provider {name!r} in Redis",
@@ -2200,6 +2219,85 @@ class NvidiaProvider(Provider):
 
     def parse(self, gpu_text, app_text):
         return parse_nvidia(gpu_text, app_text)
+
+
+class NvmlProvider(Provider):
+    """nvidia, asked in-process through NVML (nvidia-ml-py's pynvml) when it loads: the
+    answer nvidia-smi gives, without starting a process that takes from 0.1 s to
+    seconds.  NVML stays initialised for the life of the process, so `web` and waiters
+    pay its start once."""
+
+    name, tool = "nvidia", "nvidia-smi"
+    module = None  # pynvml once initialised; False when it cannot be
+
+    @classmethod
+    def load(cls):
+        """pynvml, initialised, or None (not installed, no driver): nvidia-smi then."""
+        if cls.module is None:
+            cls.module = False
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                cls.module = pynvml
+            except Exception:  # ImportError, or NVMLError: no library, no driver
+                pass
+        return cls.module or None
+
+    def usage(self):
+        if self._result is None:
+            try:
+                self._result = nvml_usage(self.module)
+            except ProviderError as e:
+                self._result = e
+        if isinstance(self._result, ProviderError):
+            raise self._result
+        return self._result
+
+
+def nvml_installed():
+    """Whether nvidia-ml-py is there to try, without the cost of importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec("pynvml") is not None
+
+
+def nvml_usage(nvml):
+    """{index: GpuUsage} from NVML; an NVMLError is a ProviderError."""
+
+    def optional(query, *args):
+        try:
+            return query(*args)
+        except nvml.NVMLError as e:  # as nvidia-smi prints [Not Supported], [N/A]
+            unknown = (nvml.NVML_ERROR_NOT_SUPPORTED, nvml.NVML_ERROR_NO_PERMISSION)
+            if getattr(e, "value", None) in unknown:
+                return None
+            raise
+
+    def text(value):
+        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+    try:
+        gpus = {}
+        for i in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            mem = optional(nvml.nvmlDeviceGetMemoryInfo, handle)
+            gpu = gpus[i] = GpuUsage(
+                i,
+                text(nvml.nvmlDeviceGetUUID(handle)),
+                text(nvml.nvmlDeviceGetName(handle)),
+                mem.used // 2**20 if mem else None,
+                mem.total // 2**20 if mem else None,
+            )
+            for p in optional(nvml.nvmlDeviceGetComputeRunningProcesses, handle) or ():
+                name = optional(nvml.nvmlSystemGetProcessName, p.pid)
+                used = p.usedGpuMemory if isinstance(p.usedGpuMemory, int) else None
+                gpu.processes.append(
+                    GpuProcess(p.pid, os.path.basename(text(name or "?")), used and used // 2**20)
+                )
+        return gpus
+    except nvml.NVMLError as e:
+        raise ProviderError(f"NVML failed: {e}") from None
 
 
 def parse_nvidia(gpu_text, app_text):
@@ -2442,6 +2540,7 @@ class Reservation:
 
     def __init__(self, gpu, raw):
         self.gpu, self.raw, self.error = gpu, raw, None
+        self._times = {}
         try:
             self.data = json.loads(raw) if raw is not None else {}  # '' is not free
         except ValueError:
@@ -2471,7 +2570,9 @@ class Reservation:
         return self.held and bool(self.data.get("partial_queue_id"))
 
     def time(self, field):
-        return parse_time(self.data.get(field))
+        if field not in self._times:  # a status row asks for each several times
+            self._times[field] = parse_time(self.data.get(field))
+        return self._times[field]
 
     def idle_seconds(self, now):
         """How long a held GPU has shown no use (since its start, if never)."""
@@ -4008,6 +4109,8 @@ def confirm_force(pool):
 
 def detect_provider():
     found = [p.name for p in (NvidiaProvider, AmdProvider) if p.installed()]
+    if not found and NvmlProvider.load() is not None:  # NVML without the nvidia-smi tool
+        found = ["nvidia"]
     if len(found) > 1:
         raise UsageError(
             "both nvidia-smi and amd-smi are installed", hint="choose with --provider nvidia|amd"
@@ -4026,11 +4129,12 @@ def status_rows(snap, hw, config, now):
     for gpu in snap.gpus:
         g = hw.usage.get(gpu.gpu) if hw.usage is not None else None
         row = {"gpu_id": gpu.gpu, **hardware_fields(g)}
-        if gpu.error:
+        state = gpu_state(gpu, g, config["memory.threshold"])
+        if state == "ERROR":
             row.update(status="ERROR", error=gpu.error, details=gpu.error)
-        elif gpu.held:
+        elif state == "IN_USE":
             row.update(held_fields(gpu, now, config["idle.after"]))
-        elif g is not None and g.in_use(config["memory.threshold"]):
+        elif state == "UNRESERVED":
             owners = sorted({p.owner or "unknown" for p in g.processes}) or ["unknown"]
             procs = ", ".join(p.label() for p in g.processes)
             row.update(
@@ -4051,6 +4155,32 @@ def status_rows(snap, hw, config, now):
         row["validation"] = validation_text(row["status"], g, hw)
         rows.append({k: v for k, v in row.items() if v is not None})
     return rows
+
+
+def gpu_state(gpu, g, threshold):
+    """A GPU's STATUS: ERROR, IN_USE, UNRESERVED or AVAILABLE (g: what the provider says)."""
+    if gpu.error:
+        return "ERROR"
+    if gpu.held:
+        return "IN_USE"
+    if g is not None and g.in_use(threshold):
+        return "UNRESERVED"
+    return "AVAILABLE"
+
+
+def pool_counts(snap, hw, config, now):
+    """GPUs per state of a pool, and how many held ones are idle: a fleet tile, without
+    building every row."""
+    counts = dict.fromkeys(STATUS_COLOURS, 0)
+    idle = 0
+    usage = hw.usage or {}
+    for gpu in snap.gpus:
+        state = gpu_state(gpu, usage.get(gpu.gpu), config["memory.threshold"])
+        counts[state] += 1
+        if state == "IN_USE" and not gpu.partial:
+            idle += gpu.idle_seconds(now) > config["idle.after"]
+    models = sorted({g.name for g in usage.values() if g.name})
+    return counts, idle, models
 
 
 def hardware_fields(g):
@@ -4533,13 +4663,16 @@ class Usage:
         )
 
     def add(self, user, account, kind, start, end, idle=0.0):
-        start, end = max(start or self.since, self.since), min(end or self.now, self.now)
+        """A reservation, clipped to the window; its idle time is spread evenly over it."""
+        start = self.since if start is None else start
+        end = self.now if end is None else end
+        seconds = max(0.0, min(end, self.now) - max(start, self.since))
         if end < self.since or not isinstance(user, str) or not user:
             return
         entry = self.row(user, account)
-        seconds = max(0.0, end - start)
         entry["seconds"] += seconds
-        entry["idle"] += min(max(0.0, idle), seconds)
+        if idle > 0 and end > start:
+            entry["idle"] += min(idle, end - start) * seconds / (end - start)
         entry["manual" if kind == "manual" else "run"] += 1
 
     def add_record(self, rec):
@@ -4563,6 +4696,21 @@ class Usage:
             entry["idle"] += idle
             entry["manual" if kind == "manual" else "run"] += int(count)
 
+    def add_before(self, rec, split):
+        """The part before `split` of a record the roll-ups split there: its time from the
+        window's start (its count is the roll-ups')."""
+        start, end = parse_time(rec.get("start_time")), parse_time(rec.get("end_time"))
+        user = rec.get("user")
+        if start is None or end is None or not isinstance(user, str) or not user:
+            return
+        part = min(end, split) - max(start, self.since)
+        if part > 0 and end > start:
+            entry = self.row(user, rec.get("actual_user"))
+            entry["seconds"] += part
+            idle = rec.get("idle_seconds")
+            if isinstance(idle, (int, float)):
+                entry["idle"] += min(idle, end - start) * part / (end - start)
+
     def add_held(self, gpu, idle_after):
         """An in-progress reservation, counted from its start; idle as free() would count it."""
         idle = gpu.data.get("idle_seconds")
@@ -4573,16 +4721,20 @@ class Usage:
         self.add(gpu.user, gpu.owner, gpu.kind, gpu.time("start_time"), self.now, idle)
 
 
-def build_report(records, held, days, now, sums=(), idle_after=None):
+def build_report(records, held, days, now, rollup=None, idle_after=None):
     """GPU hours per user over the window; in-progress reservations count from
     their start; everything is clipped to the window.  A row is a display name and
     the real account behind it (`--user` on a shared account); users are accounts.
-    `sums` are roll-ups of whole days: [type, account, user, seconds, count, idle]."""
+    `rollup`: the report script's sums of whole days, [type, account, user, seconds,
+    count, idle], and the records that crossed into them (`crossing`, at `split`)."""
     usage = Usage(now - days * 86400, now)
     for rec in records:
         usage.add_record(rec)
-    for kind, account, user, seconds, count, idle in sums:
+    rollup = rollup or {}
+    for kind, account, user, seconds, count, idle in rollup.get("sums", ()):
         usage.add_sum(kind, account, user, seconds, count, idle)
+    for rec in rollup.get("crossing", ()):
+        usage.add_before(rec, rollup["split"])
     for gpu in held:
         usage.add_held(gpu, idle_after)
     return report_object(usage, days)
@@ -4657,8 +4809,9 @@ def report_for(pool, days, now=None):
 def report_from(pool, snap, reply, days, now):
     held = [g for g in snap.gpus if g.held and not g.partial]
     records = [r for r in map(json_object, reply["records"]) if r is not None]
-    idle_after = pool.config["idle.after"]
-    return build_report(records, held, days, now, reply["sums"], idle_after)
+    crossing = [r for r in map(json_object, reply.get("crossing", ())) if r is not None]
+    rollup = {"sums": reply["sums"], "crossing": crossing, "split": reply.get("split")}
+    return build_report(records, held, days, now, rollup, pool.config["idle.after"])
 
 
 def fleet_report(app, days, now):
@@ -4980,43 +5133,52 @@ class Site:
                 f"days must be a whole number from 1 to {HISTORY_DAYS}, got {values[0]!r}",
             ) from None
 
-    def views(self):
-        """[(label, pool, snapshot, rows) or (label, None, None, CanhazError)] of the pools
-        this dashboard serves, in one round trip per Redis node."""
+    def snapshots(self):
+        """[(label, pool, snapshot or CanhazError)] of the pools this dashboard serves,
+        in one round trip per Redis node."""
         if not self.fleet:
-            snap = self.local.snapshot(required=False)
-            rows = self.rows(self.local, snap) if snap.count else []
-            return [(self.local.label, self.local, snap, rows)]
+            return [(self.local.label, self.local, self.local.snapshot(required=False))]
         fleet = Fleet(self.store, self.config, self.local)
         out = []
         for label, view in fleet.views(fleet.labels(), observe=False).items():
             if isinstance(view, CanhazError):
-                out.append((label, None, None, view))
+                out.append((label, fleet.pool(label), view))
                 continue
             pool, snap = view[0], Snapshot(view[1])
             pool.count, pool.kind = snap.count, snap.provider
-            out.append((label, pool, snap, self.rows(pool, snap) if snap.count else []))
+            out.append((label, pool, snap))
         return out
+
+    def views(self):
+        """[(label, pool, snapshot, rows)] of the pools that could be read."""
+        return [
+            (label, pool, snap, self.rows(pool, snap) if snap.count else [])
+            for label, pool, snap in self.snapshots()
+            if not isinstance(snap, CanhazError)
+        ]
 
     def pools(self):
         """`/api/pools`: a tile per pool, where it is, what it has and how busy it is."""
-        tiles = []
-        for label, pool, snap, rows in self.views():
-            if isinstance(rows, CanhazError) or not snap.count:
-                error = str(rows) if isinstance(rows, CanhazError) else "not initialised"
+        tiles, now = [], time.time()
+        for label, pool, snap in self.snapshots():
+            if isinstance(snap, CanhazError) or not snap.count:
+                error = str(snap) if isinstance(snap, CanhazError) else "not initialised"
                 tiles.append({"pool": label, "host": pool.host if pool else None, "error": error})
                 continue
-            tile = pool_summary(label, pool.host, snap, rows)
-            tile["idle"] = sum(bool(r.get("idle")) for r in rows)
-            tile["errors"] = sum(r["status"] == "ERROR" for r in rows)
-            tile["local"] = label == self.local.label
-            tiles.append(tile)
+            counts, idle, models = pool_counts(snap, self.hardware(pool, snap), self.config, now)
+            tiles.append({
+                "pool": label, "host": pool.host, "gpus": snap.count,
+                "free": counts["AVAILABLE"], "in_use": counts["IN_USE"],
+                "unreserved": counts["UNRESERVED"], "errors": counts["ERROR"],
+                "queued": len(snap.queue), "idle": idle, "models": models,
+                "local": label == self.local.label,
+            })  # fmt: skip
         return {"pools": tiles, "local": self.local.label, "fleet": self.fleet}
 
     def metrics(self):
         out = Metrics()
         try:
-            views = [v for v in self.views() if not isinstance(v[3], CanhazError)]
+            views = self.views()
         except CanhazError:
             views = None
         out.add(
@@ -6056,6 +6218,8 @@ class App:
             # Guess the provider and start its queries now, before Redis is even
             # imported: most of nvidia-smi's latency hides behind our start-up.
             guess = next((p for p in (NvidiaProvider, AmdProvider) if p.installed()), None)
+            if guess is NvidiaProvider and nvml_installed():
+                guess = None  # NVML answers in-process, in milliseconds: nothing to hide
             if guess is not None:
                 self._early = guess()
                 self._early.start()

@@ -1446,3 +1446,68 @@ def test_store_failure_is_one_clear_line(config):
     error = store.failure(redis.ConnectionError("Error 111 connecting to localhost:6379. Refused."))
     assert isinstance(error, chg.CanhazError) and error.code == 1
     assert "localhost:6379" in str(error) and "\n" not in str(error) and error.hint
+
+
+# --------------------------------------------------------------------------- report roll-ups
+
+
+def random_records(rng, now, n):
+    """Records as any client may leave them: short and long, over midnights, odd ones."""
+    out = []
+    for k in range(n):
+        end = now - rng.uniform(0, 95 * 86400)
+        length = rng.choice((5, 600, 3600, 5 * 3600, 30 * 3600, 4 * 86400, 40 * 86400))
+        rec = record(rng.choice(("alice", "bob", "carol")), end - length, end,
+                     rng.choice(("run", "manual")))  # fmt: skip
+        rec["gpu_id"] = k % 8
+        if rng.random() < 0.3:
+            rec["idle_seconds"] = rng.uniform(0, length)
+        if rng.random() < 0.05:
+            rec["start_time"] = None  # counts from the window's start
+        if rng.random() < 0.05:
+            rec["end_time"] = chg.rfc3339(end)  # a Go record
+        out.append(rec)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reports_from_roll_ups_equal_reports_from_every_record(store, fake, seed):
+    """However the records fall on days and whenever they were folded, a report from
+    the per-day roll-ups is the report computed record by record."""
+    import random
+
+    rng = random.Random(seed)
+    init_pool(store, 8)
+    now = time.time()
+    records = random_records(rng, now, 400)
+    for rec in records:
+        end = chg.parse_time(rec["end_time"])
+        fake.zadd("canhazgpu:usage_history_sorted", {json.dumps(rec): int(end)})
+    pool = make_pool(store, store.config)
+    folded_at = now - rng.uniform(0, 3 * 86400)  # an earlier report folded up to here
+    chg.report_reply(pool, folded_at - 86400, folded_at)
+    for days in (1, 2, 7, 30, 90):
+        got = chg.report_for(pool, days, now=now)
+        kept = [r for r in records if chg.parse_time(r["end_time"]) >= now - 90 * 86400 - 1]
+        want = chg.build_report(kept, [], days, now)
+        assert got["total_reservations"] == want["total_reservations"], days
+        assert got["total_gpu_hours"] == pytest.approx(want["total_gpu_hours"], abs=1e-3), days
+        assert got["total_idle_gpu_hours"] == pytest.approx(want["total_idle_gpu_hours"], abs=1e-3)
+        for mine, theirs in zip(got["users"], want["users"]):
+            assert (mine["name"], mine["run_count"], mine["manual_count"]) == (
+                theirs["name"], theirs["run_count"], theirs["manual_count"])  # fmt: skip
+            assert mine["gpu_hours"] == pytest.approx(theirs["gpu_hours"], abs=1e-3)
+
+
+def test_a_report_reads_the_legacy_keys_once(store, fake):
+    init_pool(store, 2)
+    now = time.time()
+    legacy = record("bob", now - 7200, now - 3600)
+    fake.set(f"canhazgpu:usage_history:{int(now)}:bob:1", json.dumps(legacy))
+    pool = make_pool(store, store.config)
+    assert chg.report_for(pool, 1, now=now)["total_gpu_hours"] == pytest.approx(1)
+    assert fake.keys("canhazgpu:usage_history:*") == []  # moved into the sorted set
+    assert fake.get("canhazgpu:legacy_migrated")
+    # Written later by an old client: never scanned for again.
+    fake.set(f"canhazgpu:usage_history:{int(now)}:bob:0", json.dumps(legacy))
+    assert chg.report_for(pool, 1, now=now)["total_gpu_hours"] == pytest.approx(1)

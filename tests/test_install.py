@@ -145,10 +145,28 @@ def test_copied_file_runs_on_the_distributions_python(cli, tmp_path, fake_smi):
     shutil.copy(REPO / "canhazgpu.py", bindir / "canhazgpu")
     (bindir / "canhazgpu").chmod(0o755)
     (bindir / "chg").symlink_to("canhazgpu")
+    # The one file runs as it is ...
     # A host's PATH: its `#!/usr/bin/env python3` finds the distribution's python3.
     env = {**cli.env, "PATH": f"{bindir}:{fake_smi.bindir}:/usr/bin:/bin"}
     assert shutil.which("python3", path=env["PATH"]) == SYSTEM_PYTHON
     assert output(["chg", "--version"], env=env) == f"canhazgpu {CHG.__version__}\n"
+    user_flow(["canhazgpu"], env, cwd=tmp_path)
+
+
+def test_the_readmes_copy_with_bytecode(cli, tmp_path, fake_smi):
+    """The README's three commands for a host without make: the module and its bytecode
+    in a directory of their own, and the launcher (its path edited) that imports it."""
+    lib, bindir = tmp_path / "lib/canhazgpu", tmp_path / "host-bin"
+    bindir.mkdir()
+    output(["install", "-D", "-m", "644", REPO / "canhazgpu.py", lib / "canhazgpu.py"])
+    output([SYSTEM_PYTHON, "-m", "compileall", "-q", lib])
+    launcher = (REPO / "contrib/canhazgpu-launcher").read_text()
+    (bindir / "canhazgpu").write_text(launcher.replace("/usr/local/lib/canhazgpu", str(lib)))
+    (bindir / "canhazgpu").chmod(0o755)
+    env = {**cli.env, "PATH": f"{bindir}:{fake_smi.bindir}:/usr/bin:/bin"}
+    assert output(["canhazgpu", "--version"], env=env) == f"canhazgpu {CHG.__version__}\n"
+    pyc = list((lib / "__pycache__").glob("canhazgpu.*.pyc"))
+    assert len(pyc) == 1 and pyc[0].stat().st_mtime > (lib / "canhazgpu.py").stat().st_mtime - 1
     user_flow(["canhazgpu"], env, cwd=tmp_path)
 
 
@@ -165,6 +183,7 @@ def make(*args, cwd=REPO):
 
 INSTALLED = {
     "bin/canhazgpu": None,
+    "lib/canhazgpu/canhazgpu.py": None,
     "bin/chg": "canhazgpu",
     "share/bash-completion/completions/canhazgpu": None,
     "share/bash-completion/completions/chg": "canhazgpu",
@@ -185,9 +204,15 @@ def test_make_install_honours_prefix_and_destdir(cli, tmp_path, fake_smi):
         assert os.readlink(prefix / path) == link if link else not (prefix / path).is_symlink()
     assert (prefix / "bin/canhazgpu").stat().st_mode & 0o777 == 0o755
     script = (prefix / "bin/canhazgpu").read_text()
-    # Pinned to the distribution's python3, whatever environment a user has activated.
+    # Pinned to the distribution's python3, whatever environment a user has activated; a
+    # launcher that imports the program, whose bytecode that python3 compiled at install.
     assert script.startswith(f"#!{SYSTEM_PYTHON}\n")
-    assert script.split("\n", 1)[1] == (REPO / "canhazgpu.py").read_text().split("\n", 1)[1]
+    assert 'sys.path.insert(0, "/usr/lib/canhazgpu")' in script
+    assert (prefix / "lib/canhazgpu/canhazgpu.py").read_text() == (
+        REPO / "canhazgpu.py"
+    ).read_text()
+    tag = output([SYSTEM_PYTHON, "-c", "import sys; print(sys.implementation.cache_tag)"]).strip()
+    assert (prefix / f"lib/canhazgpu/__pycache__/canhazgpu.{tag}.pyc").is_file()
     assert (prefix / "share/man/man1/canhazgpu.1").read_text() == (REPO / "canhazgpu.1").read_text()
 
     make("install", f"DESTDIR={tmp_path / 'opt'}", "PREFIX=/opt/gpu")
@@ -195,7 +220,10 @@ def test_make_install_honours_prefix_and_destdir(cli, tmp_path, fake_smi):
     make("uninstall", f"DESTDIR={tmp_path / 'opt'}", "PREFIX=/opt/gpu")
     assert not [p for p in (tmp_path / "opt").rglob("*") if not p.is_dir()]
 
-    env = {**cli.env, "PATH": f"{prefix / 'bin'}:{fake_smi.bindir}:/usr/bin:/bin"}
+    # Staged files name their final place: installed for real (no DESTDIR), it runs.
+    real = tmp_path / "real"
+    make("install", f"PREFIX={real}")
+    env = {**cli.env, "PATH": f"{real / 'bin'}:{fake_smi.bindir}:/usr/bin:/bin"}
     assert output(["chg", "--version"], env=env) == f"canhazgpu {CHG.__version__}\n"
     user_flow(["canhazgpu"], env, cwd=tmp_path)
 

@@ -27,6 +27,12 @@ VALUES = {
     ("run", "--gpu-ids"): "-x -a '(__canhazgpu_gpu_ids free)'",
     ("reserve", "--gpu-ids"): "-x -a '(__canhazgpu_gpu_ids free)'",
     ("release", "--gpu-ids"): "-x -a '(__canhazgpu_gpu_ids mine)'",
+    ("extend", "--gpu-ids"): "-x -a '(__canhazgpu_gpu_ids mine)'",
+    "--pool": "-x -a '(__canhazgpu_pools)'",
+    "--remote": "-x -a '(__fish_print_hostnames)'",
+    "--priority": "-x -a 'high normal low'",
+    "--for": "-x -a '(__fish_complete_users)'",
+    "--for-group": "-x -a '(__fish_complete_groups)'",
     "--provider": """-x -a 'nvidia\\t"NVIDIA GPUs, checked with nvidia-smi"
             amd\\t"AMD GPUs, checked with amd-smi"
             fake\\t"no GPU tool: every GPU idle (demos, machines without GPUs)"'""",
