@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY_RUNTIME := redis psutil
 PY_DEPS := $(PY_RUNTIME) fakeredis lupa pytest hypothesis ruff
 
-.PHONY: all deps runtime-deps test lint format demo clean
+.PHONY: all deps runtime-deps test lint format demo clean bench
 .PHONY: shell-deps packaging-deps install uninstall man completions
 
 all: test
@@ -69,6 +69,11 @@ format: deps
 
 demo: runtime-deps
 	PYTHON=$(PYTHON) bash demo.sh
+
+# Every benchmark, as one table of medians and ratios (bench/README.md); JSON in
+# bench/results.json.  Not part of `make test`: timings are no assertions.
+bench: deps
+	cd bench && $(PYTHON) run.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

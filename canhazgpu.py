@@ -753,7 +753,7 @@ end
 -- The pool's own keys of another type (a hash for the queue) would fail the script
 -- half-way with a bare WRONGTYPE: say which key, and touch nothing.
 for key, want in pairs({queue = 'zset', usage_history_sorted = 'zset', gpu_count = 'string',
-    provider = 'string', limits = 'hash', notices = 'list'}) do
+    provider = 'string', limits = 'hash', notices = 'list', usage_windows = 'hash'}) do
   local kind = redis.call('TYPE', P .. key).ok
   if kind ~= 'none' and kind ~= want then
     return redis.error_reply('BADKEY ' .. P .. key .. ' is a Redis ' .. kind .. ', not a ' .. want)
@@ -811,12 +811,37 @@ local function idle_gap(st)
 end
 
 -- Per-day roll-ups of the usage records, for reports that never read every record.
--- usage_day:{day} holds, for who = JSON [type, account, user]: s<who> the seconds used
--- that day (a record that spans midnight is split over its days) and i<who> the idle
--- seconds among them; n<who> the records that ended that day; C<record> for each record
--- that crossed into the day from the one before (a report clips those at its start);
--- and L<record> for a record too odd to split (kept whole, clipped like the others).
+-- usage_day:{day} holds, for who = JSON [type, account, user], the field who = 'S N I':
+-- S the seconds used that day (a record that spans midnight is split over its days), N
+-- the records that ended that day, I the idle seconds among S; C<record> for each
+-- record that crossed into the day from the one before (a report clips those at its
+-- start); and L<record> for a record too odd to split (kept whole, clipped alike).
 local function day_key(day) return P .. 'usage_day:' .. day_name(day) end
+
+local function sum_of(text)
+  local s, n, i = string.match(text or '', '^(%S+) (%S+) (%S+)$')
+  return tonumber(s) or 0, tonumber(n) or 0, tonumber(i) or 0
+end
+
+local function add_to(key, who, seconds, count, idle)
+  local s, n, i = sum_of(redis.call('HGET', key, who))
+  redis.call('HSET', key, who, string.format('%.17g %d %.17g', s + seconds, n + count, i + idle))
+end
+
+-- A report keeps the sums of its window's whole days but the last in usage_windows
+-- (field 'FIRST:LAST', days since 1970), until a record is folded into one of them.
+local FOLDED_DAYS = {}  -- low and high day this script folded into
+
+local function forget_windows()
+  if not FOLDED_DAYS[1] then return end
+  for _, field in ipairs(redis.call('HKEYS', P .. 'usage_windows')) do
+    local a, b = string.match(field, '^(%d+):(%d+)$')
+    if not a or (tonumber(a) <= FOLDED_DAYS[2] and tonumber(b) >= FOLDED_DAYS[1]) then
+      redis.call('HDEL', P .. 'usage_windows', field)
+    end
+  end
+  FOLDED_DAYS = {}
+end
 
 local function fold_record(raw, score)
   local r = decode(raw)
@@ -833,19 +858,17 @@ local function fold_record(raw, score)
     local idle = math.min(tonumber(r.idle_seconds) or 0, total)
     local first = math.floor(start / 86400)
     for day = math.max(first, last - A.history_days), last do
-      local part = math.min(stop, (day + 1) * 86400) - math.max(start, day * 86400)
+      local part = math.max(0, math.min(stop, (day + 1) * 86400) - math.max(start, day * 86400))
       local key = day_key(day)
-      if part > 0 then
-        redis.call('HINCRBYFLOAT', key, 's' .. who, part)
-        if idle > 0 then redis.call('HINCRBYFLOAT', key, 'i' .. who, idle * part / total) end
-      end
+      add_to(key, who, part, day == last and 1 or 0, total > 0 and idle * part / total or 0)
       if day > first then redis.call('HSET', key, 'C' .. raw, 1) end
       touched[#touched + 1] = day
     end
-    redis.call('HINCRBY', day_key(last), 'n' .. who, 1)
   end
   for _, day in ipairs(touched) do
     redis.call('EXPIREAT', day_key(day), (day + 1 + A.history_days) * 86400)
+    FOLDED_DAYS[1] = math.min(FOLDED_DAYS[1] or day, day)
+    FOLDED_DAYS[2] = math.max(FOLDED_DAYS[2] or day, day)
   end
 end
 
@@ -1043,6 +1066,7 @@ local function publish()
 end
 
 local function finish()
+  forget_windows()
   if FREED then
     redis.call('ZREMRANGEBYSCORE', P .. 'usage_history_sorted', '-inf',
       string.format('(%d', math.floor(NOW - 86400 * A.history_days)))
@@ -1554,13 +1578,18 @@ return queued(ahead, have, still)
 # report: fold the usage records into the per-day roll-ups, then gather a window.
 #   A:     since (s, the window's start), upto (fold the records scored up to here),
 #          batch (fold at most this many records in one call).
-#   reply: {more = true} when records are left to fold (call again); else {sums =
-#          [[type, account, user, seconds, count, idle seconds]] of the window's whole
-#          days (from `split`, the midnight after its start), records = [the JSON of
-#          each record to clip one by one: those that ended before `split`, those not
-#          folded yet, the odd ones], crossing = [the JSON of the folded records that
-#          ran over `split`: the part before it is theirs to add], split, migrated}.
+#   reply: a Redis array: {JSON} when records are left to fold ({more = true}: call
+#          again); else {JSON, gpu_count, provider or false, {state JSON or false for
+#          each GPU}} (the pool as the snapshot script returns it, after ending what
+#          expired), the JSON being {sums = [[type, account, user, seconds, count, idle
+#          seconds]] of the window's whole days (from `split`, the midnight after its
+#          start), records = [the JSON of each record to clip one by one: those that
+#          ended before `split`, those not folded yet, the odd ones], crossing = [the
+#          JSON of the folded records that ran over `split`: the part before it is
+#          theirs to add], split, migrated}.
 LUA_REPORT = r"""
+settle()
+finish()
 local H = P .. 'usage_history_sorted'
 local function num(v) return string.format('%.17g', v) end
 local W = folded_upto()
@@ -1569,6 +1598,7 @@ local rows = redis.call('ZRANGEBYSCORE', H, W and '(' .. num(W) or '-inf', A.upt
 local n = #rows / 2
 if n < A.batch then
   for k = 1, #rows, 2 do fold_record(rows[k], tonumber(rows[k + 1])) end
+  forget_windows()
   W = math.max(W or A.upto, A.upto)
   redis.call('SET', P .. 'usage_folded', num(W))
 else
@@ -1585,31 +1615,66 @@ else
       W = score
     end
   end
+  forget_windows()
   redis.call('SET', P .. 'usage_folded', num(W))
-  return enc({more = true})
+  return {enc({more = true})}
 end
 
 local since = tonumber(A.since)
 local d1 = (math.floor(since / 86400) + 1) * 86400
-local records, crossing, acc, order = {}, {}, {}, {}
+local records = {}
 local function exact(lo, hi)
   for _, raw in ipairs(redis.call('ZRANGEBYSCORE', H, lo, hi)) do records[#records + 1] = raw end
 end
+
+-- The roll-ups of days first..last: {sums = {who = {seconds, count, idle}}, L = {odd
+-- records}, C = {records crossing into day `first`}}.
+local function days_of(first, last)
+  local part = {sums = {}, L = {}, C = {}}
+  for day = first, last do
+    local flat = redis.call('HGETALL', P .. 'usage_day:' .. day_name(day))
+    for k = 1, #flat, 2 do
+      local field, mark = flat[k], string.byte(flat[k])
+      if mark == 91 then  -- '[': a sum
+        local a = part.sums[field] or {0, 0, 0}
+        local s, n, i = sum_of(flat[k + 1])
+        part.sums[field] = {a[1] + s, a[2] + n, a[3] + i}
+      elseif mark == 76 then  -- 'L'
+        part.L[#part.L + 1] = string.sub(field, 2)
+      elseif day == first then  -- 'C', at the window's first midnight
+        part.C[#part.C + 1] = string.sub(field, 2)
+      end
+    end
+  end
+  return part
+end
+
+-- All but the last day come from usage_windows when an earlier report summed them.
+local function whole_days(first, last)
+  if last <= first then return {days_of(first, last)} end
+  local field = first .. ':' .. (last - 1)
+  local kept = redis.call('HGET', P .. 'usage_windows', field)
+  local early = kept and cjson.decode(kept)
+  if not early then
+    early = days_of(first, last - 1)
+    redis.call('HSET', P .. 'usage_windows', field, cjson.encode(early))
+    redis.call('EXPIRE', P .. 'usage_windows', 2 * 86400)
+  end
+  return {early, days_of(last, last)}
+end
+
+local acc, order, crossing = {}, {}, {}
 if W >= d1 then
   exact(num(since), '(' .. num(d1))
   exact('(' .. num(W), '+inf')
-  for day = d1 / 86400, math.floor(W / 86400) do
-    local flat = redis.call('HGETALL', P .. 'usage_day:' .. day_name(day))
-    for k = 1, #flat, 2 do
-      local metric, who = string.sub(flat[k], 1, 1), string.sub(flat[k], 2)
-      if metric == 'L' then
-        records[#records + 1] = who
-      elseif metric == 'C' then
-        if day == d1 / 86400 then crossing[#crossing + 1] = who end
-      else
-        if not acc[who] then acc[who] = {s = 0, n = 0, i = 0}; order[#order + 1] = who end
-        acc[who][metric] = acc[who][metric] + tonumber(flat[k + 1])
-      end
+  local parts = whole_days(d1 / 86400, math.floor(W / 86400))
+  crossing = parts[1].C
+  for _, part in ipairs(parts) do
+    for _, raw in ipairs(part.L) do records[#records + 1] = raw end
+    for who, v in pairs(part.sums) do
+      local a = acc[who]
+      if not a then a = {0, 0, 0}; acc[who] = a; order[#order + 1] = who end
+      a[1], a[2], a[3] = a[1] + v[1], a[2] + v[2], a[3] + v[3]
     end
   end
 else
@@ -1618,10 +1683,13 @@ end
 local sums = {}
 for _, who in ipairs(order) do
   local w, a = cjson.decode(who), acc[who]
-  sums[#sums + 1] = {w[1], w[2], w[3], a.s, a.n, a.i}
+  sums[#sums + 1] = {w[1], w[2], w[3], a[1], a[2], a[3]}
 end
-return enc({sums = sums, records = records, crossing = crossing, split = d1,
-  migrated = redis.call('EXISTS', P .. 'legacy_migrated') == 1})
+local states = {}
+for i = 0, N - 1 do states[i + 1] = RAW[i] or false end
+return {enc({sums = sums, records = records, crossing = crossing, split = d1,
+  migrated = redis.call('EXISTS', P .. 'legacy_migrated') == 1}),
+  N, redis.call('GET', P .. 'provider') or false, states}
 """
 
 # migrate: the legacy per-record history keys of old versions (usage_history:*) move
@@ -3413,6 +3481,20 @@ def linux_prctl():
         return None
 
 
+def give_back_memory():
+    """The supervisor lives as long as the command: hand the memory freed since start-up
+    (compiling a copied script's thousands of lines takes over 10 MB) back to the system.
+    glibc only; elsewhere nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # musl and others: no malloc_trim
+        pass
+
+
 def controlling_tty():
     """Our controlling terminal (also when stdin is redirected), or None."""
     try:
@@ -3607,6 +3689,7 @@ class Supervisor:
         )
         self.heartbeat.sample_every = config["idle.sample_interval"]
         self.heartbeat.start()  # only now: a thread must not hold a lock across our fork
+        give_back_memory()
         self.supervise()
         self.clean_up()
         self.reclaim_terminal()
@@ -4722,6 +4805,10 @@ class Usage:
 
 
 def build_report(records, held, days, now, rollup=None, idle_after=None):
+    return report_object(usage_of(records, held, days, now, rollup, idle_after), days)
+
+
+def usage_of(records, held, days, now, rollup=None, idle_after=None):
     """GPU hours per user over the window; in-progress reservations count from
     their start; everything is clipped to the window.  A row is a display name and
     the real account behind it (`--user` on a shared account); users are accounts.
@@ -4737,7 +4824,7 @@ def build_report(records, held, days, now, rollup=None, idle_after=None):
         usage.add_before(rec, rollup["split"])
     for gpu in held:
         usage.add_held(gpu, idle_after)
-    return report_object(usage, days)
+    return usage
 
 
 def report_object(usage, days):
@@ -4768,21 +4855,24 @@ def report_object(usage, days):
     }
 
 
+def report_args(since, now):
+    return {"since": since, "upto": math.floor(now - REPORT_GRACE), "batch": REPORT_BATCH,
+            "now": now}  # fmt: skip
+
+
 def report_reply(pool, since, now, reply=None):
-    """The report script's reply for a pool, once every record is folded and the
-    legacy keys of old versions (the unnamed pool's) have been read."""
-    args = {
-        "since": since,
-        "upto": math.floor(now - REPORT_GRACE),
-        "batch": REPORT_BATCH,
-        "now": now,
-    }
+    """(the report script's answer, the pool's snapshot) once every record is folded
+    and the legacy keys of old versions (the unnamed pool's) have been read."""
     while True:
-        if reply is None or reply.get("more"):
-            reply = pool.script("report", **args)
+        if reply is None or len(reply) == 1:  # more to fold
+            reply = pool.script("report", **report_args(since, now))
             continue
-        if reply.get("migrated") or pool.name:
-            return reply
+        answer = json.loads(reply[0])
+        if answer.get("migrated") or pool.name:
+            snap = Snapshot([*reply[1:], []])
+            if not snap.count:
+                raise not_initialised(pool.name)
+            return answer, snap
         migrate_legacy(pool)
         reply = None
 
@@ -4801,45 +4891,34 @@ def migrate_legacy(pool):
 
 def report_for(pool, days, now=None):
     now = time.time() if now is None else now
-    snap = pool.snapshot(now)
-    reply = report_reply(pool, now - days * 86400, now)
+    reply, snap = report_reply(pool, now - days * 86400, now)
     return report_from(pool, snap, reply, days, now)
 
 
 def report_from(pool, snap, reply, days, now):
+    return report_object(usage_from(pool, snap, reply, days, now), days)
+
+
+def usage_from(pool, snap, reply, days, now):
+    """The Usage of a pool, from its report script's answer and its snapshot."""
     held = [g for g in snap.gpus if g.held and not g.partial]
     records = [r for r in map(json_object, reply["records"]) if r is not None]
     crossing = [r for r in map(json_object, reply.get("crossing", ())) if r is not None]
     rollup = {"sums": reply["sums"], "crossing": crossing, "split": reply.get("split")}
-    return build_report(records, held, days, now, rollup, pool.config["idle.after"])
+    return usage_of(records, held, days, now, rollup, pool.config["idle.after"])
 
 
 def fleet_report(app, days, now):
-    """{label: report or CanhazError} of every pool, pipelined, and the fleet's total."""
+    """{label: Usage or CanhazError} of every pool, pipelined."""
     fleet = app.fleet()
-    labels = fleet.labels()
-    snaps = fleet.views(labels)
-    replies = fleet.views(
-        labels,
-        "report",
-        {
-            "since": now - days * 86400,
-            "now": now,
-            "upto": math.floor(now - REPORT_GRACE),
-            "batch": REPORT_BATCH,
-        },
-    )
+    since = now - days * 86400
     reports = {}
-    for label in labels:
-        view, rep = snaps[label], replies[label]
-        failed = next((v for v in (view, rep) if isinstance(v, CanhazError)), None)
-        if failed is not None:
-            reports[label] = failed
-            continue
-        pool, snap = view[0], Snapshot(view[1])
+    for label, view in fleet.views(fleet.labels(), "report", report_args(since, now)).items():
         try:
-            reply = report_reply(pool, now - days * 86400, now, rep[1])
-            reports[label] = report_from(pool, snap, reply, days, now)
+            if isinstance(view, CanhazError):
+                raise view
+            reply, snap = report_reply(view[0], since, now, view[1])
+            reports[label] = usage_from(view[0], snap, reply, days, now)
         except CanhazError as e:
             reports[label] = e
     return reports
@@ -4850,16 +4929,14 @@ def merge_reports(reports, days, now):
     used (most hours first)."""
     usage = Usage(now - days * 86400, now)
     pools = {}
-    for label, rep in reports.items():
-        if isinstance(rep, CanhazError):
+    for label, part in reports.items():
+        if isinstance(part, CanhazError):
             continue
-        for u in rep["users"]:
-            entry = usage.row(u["name"], u["account"])
-            entry["seconds"] += u["gpu_hours"] * 3600
-            entry["idle"] += u["idle_gpu_hours"] * 3600
-            entry["run"] += u["run_count"]
-            entry["manual"] += u["manual_count"]
-            pools.setdefault((u["name"], u["account"]), []).append((u["gpu_hours"], label))
+        for (name, account), u in part.users.items():
+            entry = usage.row(name, account)
+            for key in ("seconds", "idle", "run", "manual"):
+                entry[key] += u[key]
+            pools.setdefault((name, account), []).append((u["seconds"], label))
     merged = report_object(usage, days)
     for u in merged["users"]:
         used = sorted(pools.get((u["name"], u["account"]), []), key=lambda p: (-p[0], p[1]))
@@ -4873,10 +4950,13 @@ def cmd_report(app):
     if app.args.all:
         reports = fleet_report(app, days, now)
         report = merge_reports(reports, days, now)
-        report["pools"] = {
-            label: {"error": str(rep)} if isinstance(rep, CanhazError) else rep
-            for label, rep in reports.items()
-        }
+        if app.args.json:  # each pool's own report, for JSON alone
+            report["pools"] = {
+                label: {"error": str(u)} if isinstance(u, CanhazError) else report_object(u, days)
+                for label, u in reports.items()
+            }
+        else:
+            report["pools"] = reports
         for label, rep in reports.items():
             if isinstance(rep, CanhazError):
                 warn(f"pool {label}: {rep}")
@@ -5693,7 +5773,9 @@ class DemoStore:
         if name == "report":
             since = args["since"]
             records = [json.dumps(h) for h in self.records[label] if h["end_time"] >= since]
-            return {"sums": [], "records": records, "migrated": True}
+            snap = self.script("snapshot", prefix, now=now)
+            answer = {"sums": [], "records": records, "migrated": True}
+            return [json.dumps(answer), *snap[:3]]
         if name != "snapshot":
             raise CanhazError("the demo is read-only")
         now = time.time() if now is None else now

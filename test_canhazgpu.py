@@ -1511,3 +1511,27 @@ def test_a_report_reads_the_legacy_keys_once(store, fake):
     # Written later by an old client: never scanned for again.
     fake.set(f"canhazgpu:usage_history:{int(now)}:bob:0", json.dumps(legacy))
     assert chg.report_for(pool, 1, now=now)["total_gpu_hours"] == pytest.approx(1)
+
+
+def test_a_record_folded_into_summed_days_renews_their_sums(store, fake):
+    """A report keeps the sums of its whole days; a record that lands in them later (a
+    run of days that ends now) must count in the next report."""
+    init_pool(store, 8)
+    pool = make_pool(store, store.config)
+    now = time.time()
+    for k in range(30):
+        rec = record("alice", now - k * 86400 - 7200, now - k * 86400 - 3600)
+        fake.zadd("canhazgpu:usage_history_sorted", {json.dumps(rec): int(now - k * 86400 - 3600)})
+    first = chg.report_for(pool, 30, now=now)
+    assert fake.hkeys("canhazgpu:usage_windows")  # the whole days, summed once
+    assert chg.report_for(pool, 30, now=now)["total_gpu_hours"] == first["total_gpu_hours"]
+    late = record("bob", now - 5 * 86400, now + 100)  # five days, ending after that report
+    fake.zadd("canhazgpu:usage_history_sorted", {json.dumps(late): int(now + 100)})
+    later = now + 1000
+    got = chg.report_for(pool, 30, now=later)
+    records = [json.loads(m) for m in fake.zrange("canhazgpu:usage_history_sorted", 0, -1)]
+    want = chg.build_report(records, [], 30, later)
+    assert got["total_gpu_hours"] == pytest.approx(want["total_gpu_hours"], abs=1e-3)
+    assert {u["name"]: u["gpu_hours"] for u in got["users"]}["bob"] == pytest.approx(
+        120.03, abs=0.01
+    )

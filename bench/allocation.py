@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from benchredis import canhazgpu, connect, init_pool, percentile, private_redis
+from benchredis import canhazgpu, connect, figure, init_pool, percentile, private_redis
 
 LOCK = canhazgpu.KEY + "allocation_lock"
 
@@ -50,7 +50,7 @@ def allocator(strategy, barrier, results):
     barrier.wait()
     started = time.perf_counter()
     try:
-        ids = go_style_lock(store, allocate) if strategy == "go-sim" else allocate()
+        ids = (go_style_lock(store, allocate) if strategy == "go-sim" else allocate())["gpus"]
         results.put(("ok", ids, time.perf_counter() - started))
     except canhazgpu.CanhazError as e:
         results.put(("error", str(e), time.perf_counter() - started))
@@ -102,6 +102,23 @@ def report(label, times, granted, others, problems):
     )
     for p in problems:
         print(f"    PROBLEM: {p}")
+
+
+def measure(allocators=24, gpus=8, rounds=5, go_rounds=1):
+    """For bench/run.py: the median allocation under contention, against one alone and
+    against the simulated lock strategy."""
+    with private_redis():
+        run("ours", 1, allocators, gpus)  # warm-up
+        alone = run("ours", 10, 1, gpus)
+        ours = run("ours", rounds, allocators, gpus)
+        go = run("go-sim", go_rounds, allocators, gpus)
+    m_alone, m_ours, m_go = (statistics.median(x[0]) / 1000 for x in (alone, ours, go))
+    clean = not (ours[2] or ours[3])
+    return [
+        figure(f"allocation, {allocators} at once on {gpus} GPUs", m_ours, "s", "one alone",
+               m_alone, "no retries, no double grant", clean),
+        figure("  simulated Go lock and back-off", m_go, "s", "ours", m_ours),
+    ]  # fmt: skip
 
 
 def main():

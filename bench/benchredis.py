@@ -90,3 +90,52 @@ def percentile(values, q):
     ordered = sorted(values)
     k = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
     return ordered[k]
+
+
+def figure(name, value, unit, baseline=None, base_value=None, target=None, met=None, note=""):
+    """One measured figure: a median, and the baseline it is compared with in the same run."""
+    ratio = value / base_value if base_value else None
+    return {"name": name, "value": value, "unit": unit, "baseline": baseline,
+            "base_value": base_value, "ratio": ratio, "target": target, "met": met,
+            "note": note}  # fmt: skip
+
+
+def shown(value, unit):
+    if unit == "s":
+        return f"{value * 1000:.1f} ms" if value < 10 else f"{value:.1f} s"
+    if unit == "s+":
+        return f"{value * 1000:+.0f} ms"
+    if unit == "ms":
+        return f"{value:.1f} ms"
+    return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.2f} {unit}"
+
+
+def print_table(figures, out=sys.stdout):
+    """The figures as one table: median, baseline, ratio, target, and whether it is met."""
+    rows = [["figure", "median", "baseline", "ratio", "target", ""]]
+    for f in figures:
+        base = f"{f['baseline']} {shown(f['base_value'], f['unit'].rstrip('+'))}" \
+            if f["baseline"] and f["base_value"] is not None else (f["baseline"] or "")  # fmt: skip
+        ratio = f"{f['ratio']:.3g}x" if f.get("ratio") and f["unit"] != "s+" else ""
+        verdict = {True: "met", False: "NOT MET", None: ""}[f["met"]]
+        rows.append([f["name"], shown(f["value"], f["unit"]), base, ratio, f["target"] or "",
+                     verdict or f["note"]])  # fmt: skip
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    for k, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+        if k == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+def machine():
+    """Where the figures were measured."""
+    import platform
+
+    server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
+    return {
+        "cpus": os.cpu_count(),
+        "system": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "python": platform.python_version(),
+        "redis_py": canhazgpu.require_module("redis", "python3-redis").__version__,
+        "redis_server": server.stdout.split()[2].split("=")[1] if server.stdout else "?",
+    }

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from benchredis import PROGRAM, canhazgpu, private_redis
+from benchredis import PROGRAM, canhazgpu, figure, print_table, private_redis
 
 DAY = 86400
 
@@ -86,20 +86,6 @@ def seed_pool(r, name, gpus, records, days=90, held=None, now=None):
     info = {"host": f"host-{name}", "gpu_count": gpus, "provider": "fake", "models": ["Fake GPU"]}
     pipe.hset(canhazgpu.REGISTRY, name, json.dumps(info))
     pipe.execute()
-
-
-def figure(name, value, unit, baseline=None, base_value=None, target=None, met=None, note=""):
-    """One row of the results table."""
-    return {
-        "name": name,
-        "value": value,
-        "unit": unit,
-        "baseline": baseline,
-        "base_value": base_value,
-        "target": target,
-        "met": met,
-        "note": note,
-    }
 
 
 def report_figures(r, rounds):
@@ -225,8 +211,7 @@ def measure(rounds=7):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
-    for f in measure(parser.parse_args().rounds):
-        print(json.dumps(f))
+    print_table(measure(parser.parse_args().rounds))
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def client(port, stop, counts, errors):
     counts.append(done)
 
 
-def measure(port, clients, seconds):
+def load(port, clients, seconds):
     stop, counts, errors = threading.Event(), [], []
     threads = [
         threading.Thread(target=client, args=(port, stop, counts, errors)) for _ in range(clients)
@@ -131,6 +131,42 @@ def measure(port, clients, seconds):
     if errors:
         sys.exit(f"bench/web.py: {len(errors)} failed requests, e.g. HTTP {errors[0]}")
     return sum(counts), elapsed
+
+
+def measure(clients=20, seconds=3.0, rounds=3):
+    """For bench/run.py: requests/second (median of the rounds) and provider runs."""
+    from benchredis import figure
+
+    setup = Setup()
+    port = free_port()
+    server = None
+    try:
+        setup.seed()
+        server = subprocess.Popen(
+            [sys.executable, str(REPO / "canhazgpu.py"), "web", "--host", "127.0.0.1", "--port",
+             str(port)], env=setup.env, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for("canhazgpu web", lambda: connects(port))
+        load(port, clients, 1.0)
+        runs_before = setup.provider_runs()
+        rates, total = [], 0.0
+        for _ in range(rounds):
+            requests, elapsed = load(port, clients, seconds)
+            rates.append(requests / elapsed)
+            total += elapsed
+        runs = setup.provider_runs() - runs_before
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(10)
+        setup.close()
+    rate = statistics.median(rates)
+    return [
+        figure(f"web /api/status, {clients} clients", rate, "req/s", "target", TARGET,
+               f">= {TARGET} req/s", rate >= TARGET),
+        figure("  nvidia-smi runs meanwhile", runs, "runs", "5 s windows", total / CACHE_SECONDS,
+               "<= 1 per window", runs <= int(total / CACHE_SECONDS) + 1),
+    ]  # fmt: skip
 
 
 def main():
@@ -149,11 +185,11 @@ def main():
              str(port)], env=setup.env, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         wait_for("canhazgpu web", lambda: connects(port))
-        measure(port, args.clients, 1.0)  # warm-up: connections, script cache, threads
+        load(port, args.clients, 1.0)  # warm-up: connections, script cache, threads
         rates, total_requests, total_seconds = [], 0, 0.0
         runs_before = setup.provider_runs()
         for k in range(args.rounds):
-            requests, elapsed = measure(port, args.clients, args.seconds)
+            requests, elapsed = load(port, args.clients, args.seconds)
             rates.append(requests / elapsed)
             total_requests += requests
             total_seconds += elapsed
