@@ -445,3 +445,79 @@ def test_systemd_unit_runs_the_web_command():
     args = canhazgpu.build_parser().parse_args(argv[1:])
     assert args.command == "web" and canhazgpu.COMMANDS["web"] is canhazgpu.cmd_web
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+# --------------------------------------------------------------------------- fleet
+
+
+def test_the_fleet_dashboard_serves_every_pool(cli, r, fake_smi, web):
+    cli("admin", "--gpus", 2, "--provider", "fake", check=True)
+    for name, gpus in (("gpu-a", 2), ("gpu-b", 4)):
+        cli("admin", "--pool", name, "--gpus", gpus, "--provider", "fake", check=True)
+    cli("reserve", "--pool", "gpu-b", "-G", "1,2", "--note", XSS_NOTE, check=True)
+    server = web("--fleet")
+    tiles = server.get_json("/api/pools")
+    assert tiles["fleet"] is True and tiles["local"] == "(default)"
+    by_pool = {t["pool"]: t for t in tiles["pools"]}
+    assert list(by_pool) == ["(default)", "gpu-a", "gpu-b"]
+    assert (by_pool["gpu-b"]["free"], by_pool["gpu-b"]["in_use"], by_pool["gpu-b"]["gpus"]) == (
+        2,
+        2,
+        4,
+    )
+    assert by_pool["(default)"]["local"] and not by_pool["gpu-b"]["local"]
+    rows = server.get_json("/api/status?pool=gpu-b")
+    assert [row["status"] for row in rows] == ["AVAILABLE", "IN_USE", "IN_USE", "AVAILABLE"]
+    assert rows[1]["note"] == XSS_NOTE
+    assert server.get_json("/api/queue?pool=gpu-a")["total"] == 0
+    assert server.get_json("/api/report?pool=gpu-b&days=1")["total_reservations"] == 2
+    assert server.get("/api/status?pool=nope").status == 404
+    assert server.get("/api/status?pool=a%20b").status == 400
+    assert server.get("/api/pools?x=1").status == 400
+    families = metric_families(server.get("/metrics").text)
+    assert samples(families, "canhazgpu_pool_gpus") == {"(default)": 2, "gpu-a": 2, "gpu-b": 4}
+    assert samples(families, "canhazgpu_gpus", state="in_use") == {
+        "(default)": 0, "gpu-a": 0, "gpu-b": 2,
+    }  # fmt: skip
+
+
+def test_without_fleet_the_dashboard_serves_its_own_pool(cli, r, fake_smi, web):
+    cli("admin", "--gpus", 2, "--provider", "fake", check=True)
+    cli("admin", "--pool", "gpu-a", "--gpus", 2, "--provider", "fake", check=True)
+    server = web()
+    assert [t["pool"] for t in server.get_json("/api/pools")["pools"]] == ["(default)"]
+    got = server.get("/api/status?pool=gpu-a")
+    assert got.status == 404 and "--fleet" in got.json()["error"]
+    families = metric_families(server.get("/metrics").text)
+    assert set(samples(families, "canhazgpu_pool_gpus")) == {"(default)"}
+
+
+def test_the_grafana_dashboard_queries_only_what_metrics_serves(cli, r, fake_smi, web):
+    dashboard = json.loads((REPO / "contrib" / "grafana-dashboard.json").read_text())
+
+    def queries(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("expr", "definition") and isinstance(value, str):
+                    yield value
+                else:
+                    yield from queries(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from queries(item)
+
+    used = {m for q in queries(dashboard) for m in re.findall(r"\bcanhazgpu_\w+", q)}
+    assert len(used) >= 10
+    cli("admin", "--pool", "gpu-a", "--gpus", 2, "--provider", "fake", check=True)
+    cli("reserve", "--pool", "gpu-a", check=True)
+    text = web("--fleet").get("/metrics").text
+    served = set(re.findall(r"^# TYPE (canhazgpu_\w+) ", text, re.M))
+    assert used <= served, used - served
+    # Every series of a pool carries its name, as the dashboard's $pool filter needs.
+    pooled = {
+        m for q in queries(dashboard) for m in re.findall(r"\b(canhazgpu_\w+)\{[^}]*pool=", q)
+    }
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in pooled:
+            assert 'pool="' in line, line

@@ -289,3 +289,24 @@ def test_errors_show_in_a_banner(cli, redis_server, web, open_page):
     assert page.locator("#dot").get_attribute("class") == "dot stale"
     assert page.locator("#gpus .card").count() == 2  # the last good answer stays
     page.shot("dashboard-redis-down")
+
+
+def test_fleet_tiles_select_a_pool(web, open_page):
+    page = open_page(web("--demo", "--fleet"))
+    page.wait_for_selector(".tile")
+    tiles = page.locator(".tile")
+    assert tiles.count() == 3
+    assert tiles.nth(0).get_attribute("aria-pressed") == "true"  # this host's pool first
+    assert "this host" in tiles.nth(0).text_content()
+    assert page.locator(".card .badge.idle").count() >= 1  # eval-bot's reservation is idle
+    assert "starts by" in page.locator("#queue").text_content()  # erin waits for GPU 2
+    with page.expect_response(lambda resp: "/api/status?pool=dgx-02" in resp.url):
+        page.click('.tile[data-pool="dgx-02"]')
+    page.wait_for_function(
+        "() => document.querySelectorAll('.card').length === 8 && "
+        "document.querySelector('#gpus').textContent.includes('carol')"
+    )
+    assert page.locator("#pool-name").text_content() == "· dgx-02"
+    assert page.evaluate("location.hash") == "#pool=dgx-02"
+    page.shot("fleet")
+    assert page.problems == []
