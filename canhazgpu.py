@@ -14,12 +14,12 @@ The sections below come in dependency order; each names only what comes before i
   Time and durations - parsing and showing durations and timestamps in every form.
   Configuration - SETTINGS (every setting and its default), files, the Redis address.
   Redis state and Lua scripts - the keys, the scripts with their contracts, Store.
-  GPU providers - what nvidia-smi, amd-smi or the fake provider say the GPUs do.
-  Allocation and queue - Reservation, Request, Pool, acquiring and waiting in the queue.
+  GPU providers - what NVML, nvidia-smi, amd-smi or the fake provider say the GPUs do.
+  Allocation and queue - Reservation, Request, Pool, Fleet, acquiring and waiting.
   Supervisor - `run`: the command's process group, signals, heartbeat, clean-up.
   Commands - one cmd_* function per command, and the text they print.
   Web - the dashboard's routes, provider cache, metrics, server, demo data and page.
-  Entry point - the parser (one table), App (one invocation), main().
+  Entry point - the parser (one table), App (one invocation), main(), the Python API.
   Data - the dashboard's style, script and page templates.
 """
 
