@@ -2070,13 +2070,12 @@ class Store:
                 client = self.redis.get_redis_connection(node)
                 for k, reply in zip(ks, self._pipelined(client, [calls[k] for k in ks])):
                     replies[k] = reply
-            except Exception as e:  # a node away, or slots moving: pool by pool instead
+            except Exception:  # a node away, or slots moving: pool by pool instead
                 for k in ks:
                     try:
                         replies[k] = self.script(calls[k][0], calls[k][1], **calls[k][2])
                     except CanhazError as error:
                         replies[k] = error
-                del e
 
         threads = [threading.Thread(target=ask, args=g) for g in groups.values()]
         for t in threads:
@@ -4498,9 +4497,34 @@ def remote_statuses(hosts):
     return out
 
 
+class Block:
+    """One block of `status --all`: a pool of this Redis, or a host asked over ssh."""
+
+    def __init__(self, label, host, rows, snap=None, over_ssh=False):
+        self.label, self.host, self.rows, self.snap = label, host, rows, snap
+        self.over_ssh = over_ssh
+        self.failed = isinstance(rows, CanhazError)
+
+    def summary(self):
+        if self.failed:
+            return {"pool": self.label, "host": self.host, "error": str(self.rows)}
+        return pool_summary(self.label, self.host, self.snap, self.rows)
+
+    def heading(self):
+        """`== Pool gpu-a on gpu-a.lab: 8 x NVIDIA H100 80GB HBM3, 3 free ==`"""
+        kind = "Host" if self.over_ssh else "Pool"
+        where = f" on {self.host}" if self.host and self.host != self.label else ""
+        if self.failed:
+            return printable(f"== {kind} {self.label}{where} ==")
+        models = sorted({r["gpu_model"] for r in self.rows if r.get("gpu_model")})
+        free = sum(r["status"] == "AVAILABLE" for r in self.rows)
+        what = f"{len(self.rows)} x {', '.join(models)}" if models else f"{len(self.rows)} GPUs"
+        return printable(f"== {kind} {self.label}{where}: {what}, {free} free ==")
+
+
 def fleet_blocks(app):
-    """`status --all` / `--remote`: [(label, host, snapshot or None, rows or CanhazError)],
-    the pools of this Redis and the hosts over ssh, in name order."""
+    """`status --all` / `--remote`: the pools of this Redis and the hosts over ssh (asked
+    meanwhile, in parallel), as Blocks in name order."""
     import threading
 
     args = app.args
@@ -4514,62 +4538,40 @@ def fleet_blocks(app):
         now = time.time()
         for label, view in fleet.snapshots(fleet.labels()).items():
             if isinstance(view, CanhazError):
-                host = fleet.info.get(label, {}).get("host")
-                blocks.append((label, host, None, view))
+                blocks.append(Block(label, fleet.info.get(label, {}).get("host"), view))
             else:
                 pool, snap, hw = view
                 rows = status_rows(snap, hw, app.config, now)
-                blocks.append((label, pool.host or hw.remote, snap, rows))
+                blocks.append(Block(label, pool.host or hw.remote, rows, snap))
     asking.join()
     for host in dict.fromkeys(hosts):
-        label = host if all(b[0] != host for b in blocks) else f"{host} (ssh)"
-        blocks.append((label, host, None, remote[host]))
-    return sorted(blocks, key=lambda b: b[0])
+        label = host if all(b.label != host for b in blocks) else f"{host} (ssh)"
+        blocks.append(Block(label, host, remote[host], over_ssh=True))
+    return sorted(blocks, key=lambda b: b.label)
 
 
 def fleet_status(app):
     blocks = fleet_blocks(app)
-    ok = [b for b in blocks if not isinstance(b[3], CanhazError)]
+    code = 0 if any(not b.failed for b in blocks) or not blocks else 1
     if app.args.summary:
-        summaries = [
-            {"pool": label, "host": host, "error": str(rows)}
-            if isinstance(rows, CanhazError)
-            else pool_summary(label, host, snap, rows)
-            for label, host, snap, rows in blocks
-        ]
-        return print_summary(summaries, app.args.json)
+        return print_summary([b.summary() for b in blocks], app.args.json)
     if app.args.json:
-        out = {
-            label: {"error": str(rows)} if isinstance(rows, CanhazError) else rows
-            for label, host, snap, rows in blocks
-        }
+        out = {b.label: {"error": str(b.rows)} if b.failed else b.rows for b in blocks}
         say(json.dumps(out, indent=2))
-        return 0 if ok or not blocks else 1
+        return code
     if not blocks:
         say("No pools are registered in this Redis (`canhazgpu admin --pool NAME` adds one).")
     colour = use_colour(app.args)
-    for k, (label, host, snap, rows) in enumerate(blocks):
+    for k, block in enumerate(blocks):
         if k:
             say()
-        say(block_heading(label, host, snap, rows))
-        if isinstance(rows, CanhazError):
-            say(f"Error: {rows}")
+        say(block.heading())
+        if block.failed:
+            say(f"Error: {block.rows}")
             continue
-        for line in status_table(rows, colour):
+        for line in status_table(block.rows, colour):
             say(line)
-    return 0 if ok or not blocks else 1
-
-
-def block_heading(label, host, snap, rows):
-    """`== gpu-a on gpu-a.lab: 8 x NVIDIA H100 80GB HBM3, 3 free ==`"""
-    where = f" on {host}" if host and host != label else ""
-    kind = "Host" if snap is None and host == label.split(" ")[0] else "Pool"
-    if isinstance(rows, CanhazError):
-        return printable(f"== {kind} {label}{where} ==")
-    models = sorted({r["gpu_model"] for r in rows if r.get("gpu_model")})
-    free = sum(r["status"] == "AVAILABLE" for r in rows)
-    what = f"{len(rows)} x {', '.join(models)}" if models else f"{len(rows)} GPUs"
-    return printable(f"== {kind} {label}{where}: {what}, {free} free ==")
+    return code
 
 
 def display_user(row, user="user", account="actual_user"):

@@ -138,12 +138,28 @@ class SentinelTopology(Topology):
         return int(port)
 
 
+def cluster_port():
+    """A free port whose cluster bus port (10000 above it, as Redis fixes it) is free too."""
+    import socket
+
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 class ClusterTopology(Topology):
     """Three masters, no replicas: every slot served, each pool on the node of its slot."""
 
     def __init__(self, workdir):
         super().__init__(workdir)
-        self.ports = [free_port() for _ in range(3)]
+        self.ports = [cluster_port() for _ in range(3)]
         for port in self.ports:
             self.server(
                 f"node-{port}", port, "--cluster-enabled", "yes",
