@@ -3,33 +3,37 @@ running `run`, a manual reservation, a waiter and the web server; and a Redis Cl
 whose nodes each serve some of the named pools."""
 
 import json
-import os
+import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
 
 import pytest
-from conftest import PROGRAM, free_port
+from conftest import free_port
 from redisfleet import ClusterTopology, SentinelTopology, client, wait_until
+
+
+def running(kind):
+    """A topology in a scratch directory, for a module's tests; stopped and removed after."""
+    workdir = tempfile.mkdtemp(prefix=f"chg-{kind.__name__.lower()}-")
+    topology = kind(workdir)
+    try:
+        yield topology
+    finally:
+        topology.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def sentinel():
-    workdir = tempfile.mkdtemp(prefix="chg-sentinel-")
-    topology = SentinelTopology(workdir)
-    yield topology
-    topology.stop()
+    yield from running(SentinelTopology)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    workdir = tempfile.mkdtemp(prefix="chg-cluster-")
-    topology = ClusterTopology(workdir)
-    yield topology
-    topology.stop()
+    yield from running(ClusterTopology)
 
 
 def states(port, gpus=4, pool=""):
@@ -169,8 +173,3 @@ def test_a_cluster_serves_named_pools_on_every_node(cli, cluster):
     assert p.returncode == 2
     assert p.stderr.startswith("Error: Redis Cluster needs a named pool")
     assert 'pool.name = "auto"' in p.stderr
-
-
-@pytest.fixture
-def _python():
-    return sys.executable, str(PROGRAM), os.environ
