@@ -3409,7 +3409,7 @@ def limit_error(reply):
     hint = "`canhazgpu admin --show-limits` shows the limits"
     if reply["what"] == "gpus":
         return CanhazError(
-            f"{who} may hold at most {top} GPUs "
+            f"{who} may hold at most {top} GPU{'s' if top != 1 else ''} "
             f"(holds {reply['holds']}, asked for {reply['asked']})",
             hint=hint + "; `canhazgpu release` gives back what you do not need",
         )
@@ -4066,7 +4066,9 @@ def cmd_admin(app):
     if changes or args.clear:
         scope = limit_scope(args)
         set_limits(pool, scope, changes, args.clear)
-        say(f"Limits of {scope}: {describe_limits(json_object(limits_of(pool).get(scope)) or {})}")
+        rule = json_object(limits_of(pool).get(scope)) or {}
+        who = "everyone (the default)" if scope == "default" else scope.replace(":", " ", 1)
+        say(f"Limits of {who} in pool {pool.label}: {describe_limits(rule)}")
     if policy is not None:
         pool.require()
         set_limits(pool, "policy", {"idle_reclaim_after": policy or False}, False)

@@ -88,9 +88,7 @@ def test_errors_are_the_clis_messages(api, r):
 
 def test_the_limits_apply_as_on_the_command_line(api, r, cli):
     cli("admin", "--max-gpus", 1, "--max-duration", "1h", env={"PATH": "/usr/bin:/bin"}, check=True)
-    with pytest.raises(
-        api.Error, match=rf"{me()} may hold at most 1 GPUs \(holds 0, asked for 2\)"
-    ):
+    with pytest.raises(api.Error, match=rf"{me()} may hold at most 1 GPU \(holds 0, asked for 2\)"):
         api.reserve(2)
     with api.reserve() as held:  # the default 8h, trimmed to the limit
         assert held.expires_at == pytest.approx(time.time() + 3600, abs=30)

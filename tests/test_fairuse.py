@@ -178,7 +178,8 @@ def test_a_users_own_limit_wins_over_its_groups_which_win_over_the_default(cli, 
     cli("admin", "--max-gpus", 3, "--for-group", group, check=True)
     cli("reserve", "-g", 3, "--nonblock", check=True)
     cli("release", check=True)
-    cli("admin", "--max-gpus", 2, "--for", me(), check=True)
+    p = cli("admin", "--max-gpus", 2, "--for", me(), check=True)
+    assert p.stdout == f"Limits of user {me()} in pool (default): max-gpus 2\n"
     p = cli("reserve", "-g", 3, "--nonblock")
     assert (
         p.returncode == 1 and f"{me()} may hold at most 2 GPUs (holds 0, asked for 3)" in p.stderr
