@@ -4373,8 +4373,7 @@ def cmd_status(app):
     if app.args.json:
         say(json.dumps(rows, indent=2))
         return 0
-    for line in status_table(rows, use_colour(app.args)):
-        say(line)
+    say("\n".join(status_table(rows, use_colour(app.args))))  # one write for 1,000 rows
     return 0
 
 
