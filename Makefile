@@ -55,6 +55,16 @@ web-deps:
 	  fi; \
 	fi
 
+# The formatter that `make test` checks against: a newer ruff may format otherwise.
+RUFF_VERSION := 0.17.6
+.PHONY: ruff-version
+deps: ruff-version
+ruff-version: runtime-deps
+	@$(PYTHON) -m ruff --version 2>/dev/null | grep -qx 'ruff $(RUFF_VERSION)' || { \
+	  echo "Installing ruff $(RUFF_VERSION)"; \
+	  $(PYTHON) -m pip install -q ruff==$(RUFF_VERSION) 2>/dev/null \
+	    || $(PYTHON) -m pip install -q --break-system-packages ruff==$(RUFF_VERSION); }
+
 test: deps
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
