@@ -4898,17 +4898,22 @@ def report_for(pool, days, now=None):
     return report_from(pool, snap, reply, days, now)
 
 
-def report_from(pool, snap, reply, days, now):
-    return report_object(usage_from(pool, snap, reply, days, now), days)
-
-
-def usage_from(pool, snap, reply, days, now):
-    """The Usage of a pool, from its report script's answer and its snapshot."""
+def report_inputs(pool, snap, reply, days, now):
+    """build_report()'s arguments from a pool's report script answer and snapshot."""
     held = [g for g in snap.gpus if g.held and not g.partial]
     records = [r for r in map(json_object, reply["records"]) if r is not None]
     crossing = [r for r in map(json_object, reply.get("crossing", ())) if r is not None]
     rollup = {"sums": reply["sums"], "crossing": crossing, "split": reply.get("split")}
-    return usage_of(records, held, days, now, rollup, pool.config["idle.after"])
+    return records, held, days, now, rollup, pool.config["idle.after"]
+
+
+def report_from(pool, snap, reply, days, now):
+    return build_report(*report_inputs(pool, snap, reply, days, now))
+
+
+def usage_from(pool, snap, reply, days, now):
+    """The Usage of a pool, from its report script's answer and its snapshot."""
+    return usage_of(*report_inputs(pool, snap, reply, days, now))
 
 
 def fleet_report(app, days, now):
