@@ -3304,11 +3304,12 @@ def queue_etas(snap, now):
             else [i for i in free_at if i not in have]
         )
         need = (len(wanted) if wanted else int(e.get("requested_count") or 0)) - len(have)
-        times = sorted(free_at.get(i) if free_at.get(i) is not None else math.inf for i in pool)
-        picked = sorted(pool, key=lambda i: free_at.get(i) or math.inf)[: max(0, need)]
-        start = max([now, *times[: max(0, need)]]) if len(times) >= need else math.inf
-        eta = None if math.isinf(start) else start
-        etas[e.get("id")] = eta
+        at = {i: free_at.get(i) for i in pool}  # an id outside the pool frees never
+        soonest = sorted(pool, key=lambda i: math.inf if at[i] is None else at[i])
+        picked = soonest[: max(0, need)]
+        known = [at[i] for i in picked if at[i] is not None]
+        start = max([now, *known]) if len(soonest) >= need and len(known) == len(picked) else None
+        eta = etas[e.get("id")] = start
         duration = entry_duration(e)
         for i in [*have, *picked]:
             free_at[i] = eta + duration if eta is not None and duration else None
@@ -4065,8 +4066,7 @@ def cmd_admin(app):
             policy = app.config["idle.reclaim_after"]
     if changes or args.clear:
         scope = limit_scope(args)
-        set_limits(pool, scope, changes, args.clear)
-        rule = json_object(limits_of(pool).get(scope)) or {}
+        rule = set_limits(pool, scope, changes, args.clear)
         who = "everyone (the default)" if scope == "default" else scope.replace(":", " ", 1)
         say(f"Limits of {who} in pool {pool.label}: {describe_limits(rule)}")
     if policy is not None:
@@ -4122,7 +4122,7 @@ def limits_of(pool):
 
 def set_limits(pool, scope, changes, clear):
     """Merge `changes` into a scope's limits (none: no limit, even over a default);
-    `clear` removes what the scope had first."""
+    `clear` removes what the scope had first.  Returns the scope's limits now."""
     key = pool.prefix + "limits"
     current = {} if clear else json_object(pool.store.do("hget", key, scope)) or {}
     current.update(changes)
@@ -4130,6 +4130,7 @@ def set_limits(pool, scope, changes, clear):
         pool.store.do("hset", key, scope, json.dumps(current))
     else:
         pool.store.do("hdel", key, scope)
+    return current
 
 
 def describe_limits(rule):
